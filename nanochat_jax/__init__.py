@@ -1,0 +1,1 @@
+"""nanochat_jax: karpathy's nanochat rewritten in JAX/Flax NNX."""
