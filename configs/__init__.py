@@ -1,0 +1,1 @@
+"""Run tiers. Each module lists, per pipeline stage, the flags run_speedrun.py passes to it."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage, each run as `python -m pipelines.<stage>`."""

@@ -130,9 +130,9 @@ try:
     from nanochat_jax.dataset import parquets_iter_batched
     for split in ("train", "val"):
         rows = next(parquets_iter_batched(split, data_dir=args.data_dir))
-        all_text.append((f"fwe-{split}", "\n".join(rows)))
+        all_text.append((f"{split}-shard", "\n".join(rows)))
 except Exception as e:  # missing shards, or the dataset module itself
-    print(f"shard rows unavailable, skipping the fwe-train/fwe-val rows ({type(e).__name__}: {e})")
+    print(f"shard rows unavailable, skipping the train/val shard rows ({type(e).__name__}: {e})")
 
 # -----------------------------------------------------------------------------
 # tokenizers: ours, plus gpt2 / cl100k_base if tiktoken can load them
