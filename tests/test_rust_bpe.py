@@ -8,6 +8,7 @@ import time
 
 import pytest
 import regex
+from hypothesis import given, settings, strategies as st
 
 from nanochat_jax import rust_bpe
 from nanochat_jax.dataset import _sotu_documents
@@ -96,6 +97,38 @@ def test_default_pattern_groups_digits_by_two():
     tok.train_from_iterator(["12345 12345"], 300)
     assert tok.get_pattern() == SPLIT_PATTERN
     assert (b"123", 256) not in tok.get_mergeable_ranks()  # "123" is never one chunk
+
+
+# Text that exercises every alternative of the split pattern: runs of assorted blanks (incl. \r, \n,
+# U+00A0, U+3000), letters of several scripts, digits, punctuation and contractions.
+SPLIT_ALPHABET = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\x0b", "a", "Z", "é", "ſ", "世",
+                                  "7", "٣", "'", "'s", "'LL", "!", "...", "🌍", "-", "\x00"])
+
+
+def split_both_ways(pattern, text):
+    fast = rust_bpe.Tokenizer()
+    fast.train_from_iterator([], 256, pattern=pattern)
+    slow = rust_bpe.Tokenizer()
+    slow.train_from_iterator([], 256, pattern="(?:" + pattern + ")")  # same language, not recognised as GPT-4
+    return fast.split(text), slow.split(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(SPLIT_ALPHABET, max_size=40).map("".join) | st.text(max_size=40))
+def test_fast_split_equals_the_backtracking_regex(text):
+    """GPT-4 family patterns run on a DFA with `\\s+(?!\\S)` emulated; the chunks must equal those of
+    the pattern run as written by fancy_regex, on any text."""
+    for pattern in (SPLIT_PATTERN, GPT4_PATTERN):
+        fast, slow = split_both_ways(pattern, text)
+        assert fast == slow and "".join(fast) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(SPLIT_ALPHABET, max_size=40).map("".join))
+def test_split_equals_python_regex(text):
+    """And they equal Python's `regex` module (on characters whose Unicode class is the same in both:
+    `regex` may ship an older Unicode version than Rust)."""
+    assert split_both_ways(SPLIT_PATTERN, text)[0] == regex.findall(SPLIT_PATTERN, text)
 
 
 def test_buffer_size_does_not_change_the_result(sotu):

@@ -17,7 +17,6 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use ahash::AHashMap;
-use fancy_regex::Regex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -29,22 +28,74 @@ const DEFAULT_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|
 type Pair = (u32, u32);
 
 // ------------------------------------------------------------------------------------------------
-// Private helpers
+// Splitting text into chunks
 
-fn compile(pattern: &str) -> PyResult<Regex> {
-    Regex::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid regex pattern {pattern:?}: {e}")))
+/// The GPT-4 pattern with numbers grouped 1 to `digits` at a time (3 is cl100k, 2 is nanochat's).
+fn gpt4_pattern(digits: u32) -> String {
+    format!(r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{{L}}\p{{N}}]?+\p{{L}}+|\p{{N}}{{1,{digits}}}| ?[^\s\p{{L}}\p{{N}}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
 }
+
+/// A regex splits text into chunks. The GPT-4 family of patterns needs backtracking only for the
+/// lookahead in `\s+(?!\S)`: its possessive quantifiers never give anything back in this pattern,
+/// so they can be plain ones. Those patterns run on the much faster DFA-based `regex` crate with the
+/// lookahead emulated (`Dfa`); any other pattern runs on `fancy_regex` as written (`Backtracking`).
+enum Splitter {
+    Dfa(regex::Regex),
+    Backtracking(fancy_regex::Regex),
+}
+
+impl Splitter {
+    fn new(pattern: &str) -> PyResult<Self> {
+        let invalid = |e: String| PyValueError::new_err(format!("invalid regex pattern {pattern:?}: {e}"));
+        for digits in 1..=3 {
+            if pattern == gpt4_pattern(digits) {
+                let plain = format!(r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|\p{{N}}{{1,{digits}}}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]|\s+");
+                return regex::Regex::new(&plain).map(Splitter::Dfa).map_err(|e| invalid(e.to_string()));
+            }
+        }
+        fancy_regex::Regex::new(pattern).map(Splitter::Backtracking).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Call `f` on every chunk of `text`, in order.
+    fn for_each_chunk<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
+        match self {
+            Splitter::Backtracking(re) => {
+                for m in re.find_iter(text) {
+                    f(m.map_err(|e| format!("regex failed while splitting text: {e}"))?.as_str());
+                }
+            }
+            Splitter::Dfa(re) => {
+                let mut pos = 0;
+                while let Some(m) = re.find_at(text, pos) {
+                    let chunk = &text[m.start()..m.end()];
+                    let mut end = m.end();
+                    // Only the final `\s+` can end a chunk in a blank other than \r or \n. The original
+                    // `\s+(?!\S)` stops one blank short of a following non-blank, leaving that blank to
+                    // start the next chunk (" word"); a single blank has nothing to leave.
+                    if let Some(last) = chunk.chars().next_back() {
+                        if last.is_whitespace() && last != '\r' && last != '\n' && end < text.len() && chunk.len() > last.len_utf8() {
+                            end -= last.len_utf8();
+                        }
+                    }
+                    f(&text[m.start()..end]);
+                    pos = end;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training
 
 /// Count every regex chunk of `texts`. Each rayon task folds into its own map and the maps are
 /// summed at the end, so no map is allocated per document. Keys borrow from `texts`.
-fn count_chunks<'a>(regex: &Regex, texts: &'a [String]) -> Result<AHashMap<&'a str, i64>, String> {
+fn count_chunks<'a>(splitter: &Splitter, texts: &'a [String]) -> Result<AHashMap<&'a str, i64>, String> {
     texts
         .par_iter()
         .try_fold(AHashMap::new, |mut counts, text| {
-            for m in regex.find_iter(text) {
-                let m = m.map_err(|e| format!("regex failed while splitting text: {e}"))?;
-                *counts.entry(m.as_str()).or_insert(0) += 1;
-            }
+            splitter.for_each_chunk(text, |chunk| *counts.entry(chunk).or_insert(0) += 1)?;
             Ok(counts)
         })
         .try_reduce(AHashMap::new, |mut a, mut b| {
@@ -201,6 +252,9 @@ fn learn_merges(mut words: Vec<Vec<u32>>, freqs: Vec<i64>, num_merges: u32) -> V
     merges
 }
 
+// ------------------------------------------------------------------------------------------------
+// Encoding
+
 /// Encode one chunk: repeatedly merge the adjacent pair with the lowest merge id.
 fn encode_chunk(chunk: &[u8], merges: &AHashMap<Pair, u32>, out: &mut Vec<u32>) {
     let mut ids: Vec<u32> = chunk.iter().map(|&b| b as u32).collect();
@@ -223,17 +277,16 @@ fn encode_chunk(chunk: &[u8], merges: &AHashMap<Pair, u32>, out: &mut Vec<u32>) 
 #[pyclass(module = "nanochat_jax.rust_bpe")]
 pub struct Tokenizer {
     pattern: String,
-    regex: Regex,
+    splitter: Splitter,
     merges: AHashMap<Pair, u32>, // (left, right) -> new id; the id doubles as the merge rank
 }
 
 impl Tokenizer {
     fn encode_text(&self, text: &str) -> PyResult<Vec<u32>> {
         let mut out = Vec::new();
-        for m in self.regex.find_iter(text) {
-            let m = m.map_err(|e| PyRuntimeError::new_err(format!("regex failed while splitting text: {e}")))?;
-            encode_chunk(m.as_str().as_bytes(), &self.merges, &mut out);
-        }
+        self.splitter
+            .for_each_chunk(text, |chunk| encode_chunk(chunk.as_bytes(), &self.merges, &mut out))
+            .map_err(PyRuntimeError::new_err)?;
         Ok(out)
     }
 
@@ -256,7 +309,7 @@ impl Tokenizer {
     /// An untrained tokenizer: 256 byte tokens and the default split pattern.
     #[new]
     fn new() -> PyResult<Self> {
-        Ok(Tokenizer { pattern: DEFAULT_PATTERN.to_string(), regex: compile(DEFAULT_PATTERN)?, merges: AHashMap::new() })
+        Ok(Tokenizer { pattern: DEFAULT_PATTERN.to_string(), splitter: Splitter::new(DEFAULT_PATTERN)?, merges: AHashMap::new() })
     }
 
     /// Train from an iterable of str. `vocab_size` counts the 256 byte tokens, so it learns
@@ -279,7 +332,7 @@ impl Tokenizer {
             return Err(PyValueError::new_err(format!("buffer_size must be positive, got {buffer_size}")));
         }
         let pattern = pattern.unwrap_or_else(|| DEFAULT_PATTERN.to_string());
-        let regex = compile(&pattern)?;
+        let splitter = Splitter::new(&pattern)?;
         let mut iter = iterator
             .try_iter()
             .map_err(|_| PyTypeError::new_err("train_from_iterator expects an iterable of str"))?;
@@ -304,7 +357,7 @@ impl Tokenizer {
                 buffer.push(text);
                 seen += 1;
             }
-            let local = py.detach(|| count_chunks(&regex, &buffer)).map_err(PyRuntimeError::new_err)?;
+            let local = py.detach(|| count_chunks(&splitter, &buffer)).map_err(PyRuntimeError::new_err)?;
             for (chunk, n) in local {
                 match chunk_counts.get_mut(chunk) {
                     Some(total) => *total += n,
@@ -325,7 +378,7 @@ impl Tokenizer {
             learn_merges(words, freqs, num_merges)
         });
         self.pattern = pattern;
-        self.regex = regex;
+        self.splitter = splitter;
         self.merges = merges.into_iter().collect();
         Ok(())
     }
@@ -333,6 +386,13 @@ impl Tokenizer {
     /// The regex pattern used to split text into chunks.
     fn get_pattern(&self) -> String {
         self.pattern.clone()
+    }
+
+    /// The chunks that `text` is split into before BPE (merges never cross them).
+    fn split(&self, text: &str) -> PyResult<Vec<String>> {
+        let mut chunks = Vec::new();
+        self.splitter.for_each_chunk(text, |c| chunks.push(c.to_string())).map_err(PyRuntimeError::new_err)?;
+        Ok(chunks)
     }
 
     /// Number of tokens: 256 bytes plus one per merge.
