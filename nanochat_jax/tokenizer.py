@@ -9,9 +9,10 @@ import base64
 import binascii
 import copy
 import hashlib
-import io
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tiktoken
@@ -44,14 +45,16 @@ def _check_utf8(text):
             raise ValueError(f"text cannot be encoded as UTF-8 (lone surrogate at index {e.start}): {text[max(0, e.start - 20):e.start + 20]!r}") from None
 
 
-def _atomic_write(path, data):
-    # write next to the target then rename, so a crash never leaves a half-written file behind
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _replace_dir(tmp_dir, path):
+    """Move a fully written tmp_dir to path. An existing tokenizer is swapped out only after the new
+    one is complete, so a crash leaves either the old files or the new ones, never a mix."""
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "tokenizer"))
+    os.rename(tmp_dir, path)
+    if old:
+        shutil.rmtree(old)
 
 
 class Tokenizer:
@@ -89,20 +92,22 @@ class Tokenizer:
     # save / load: plain text + JSON + npy, validated on load
 
     def save(self, path):
-        os.makedirs(path, exist_ok=True)
+        path = os.path.abspath(path)
         ranks_text = "".join(f"{base64.b64encode(b).decode('ascii')} {i}\n" for i, b in enumerate(self.ranks)).encode("ascii")
         meta = {
             "pattern": self.pattern,
             "special_tokens": SPECIAL_TOKENS,
             "num_ranks": len(self.ranks),
-            "ranks_sha256": hashlib.sha256(ranks_text).hexdigest(),
+            "ranks_sha256": hashlib.sha256(ranks_text).hexdigest(),  # lets a load detect a tampered or truncated file
         }
-        _atomic_write(os.path.join(path, RANKS_FILE), ranks_text)
-        npy = io.BytesIO()
-        np.save(npy, self.token_bytes)
-        _atomic_write(os.path.join(path, TOKEN_BYTES_FILE), npy.getvalue())
-        # the json goes last: it holds the sha of the ranks, so it acts as the commit marker
-        _atomic_write(os.path.join(path, META_FILE), (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=os.path.dirname(path))
+        with open(os.path.join(tmp, RANKS_FILE), "wb") as f:
+            f.write(ranks_text)
+        np.save(os.path.join(tmp, TOKEN_BYTES_FILE), self.token_bytes)
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, path)
         print(f"saved tokenizer ({self.get_vocab_size()} tokens) to {path}")
 
     @classmethod
