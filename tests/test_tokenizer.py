@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
+from nanochat_jax import rust_bpe
 from nanochat_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-
-rust_bpe = pytest.importorskip("nanochat_jax.rust_bpe", reason="build the Rust crate first (maturin develop --release)")
 
 VOCAB_SIZE = 800
 STDLIB_FILES = ["argparse.py", "textwrap.py", "difflib.py", "statistics.py", "fractions.py", "calendar.py"]
@@ -215,6 +214,14 @@ def test_save_load_round_trip(tok, saved):
     assert np.array_equal(np.load(os.path.join(saved, "token_bytes.npy"), allow_pickle=False), tok.token_bytes)
     line = read_ranks(saved).splitlines()[300].split()
     assert base64.b64decode(line[0]) == tok.ranks[300] and line[1] == b"300"  # tiktoken's text layout
+
+
+def test_saving_over_a_tokenizer_replaces_it_whole(tok, saved):
+    """A retrained tokenizer replaces the old directory in one rename: nothing of the old one lingers."""
+    smaller = Tokenizer(tok.ranks[:400], tok.get_pattern())
+    smaller.save(saved)
+    assert Tokenizer.from_directory(saved).get_vocab_size() == 400 + len(SPECIAL_TOKENS)
+    assert os.listdir(os.path.dirname(saved)) == ["tokenizer"]  # no temp or backup directories left
 
 
 def test_tampered_ranks_file_is_rejected(saved):
