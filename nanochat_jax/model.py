@@ -1,0 +1,211 @@
+"""
+The GPT of nanochat v1, in Flax NNX:
+- rotary embeddings (split halves, base 10,000, tables rounded to bf16 as the reference does)
+- QK norm, and param-free RMSNorm everywhere (after the embedding, before each sublayer, at the end)
+- untied token embedding and lm_head, no biases
+- ReLU² MLP, group-query attention (n_kv_head <= n_head)
+- logits softcapped at 15 and computed in fp32; the loss never materialises all (B, T, V) logits
+
+Axis letters: B batch, T time, D model, H heads, K kv heads, Dh head dim, V vocab, F mlp hidden.
+Parameters are fp32; `dtype` is the compute dtype (bf16 on GPU, fp32 on CPU). Every parameter
+carries logical axis names (`axes` metadata) that nanochat_jax.sharding maps onto the mesh.
+"""
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanochat_jax.sharding import constrain
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} must be divisible by n_kv_head {self.n_kv_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+def config_for_depth(depth, vocab_size=65536, sequence_len=2048, n_kv_head=None):
+    """nanochat v1's single dial: width 64 per layer, heads of (about) 128 dims."""
+    n_embd = depth * 64
+    n_head = max(1, math.ceil(n_embd / 128))
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=n_embd)
+
+
+# -----------------------------------------------------------------------------
+# Pure helpers
+
+def norm(x):
+    """RMSNorm with no learnable params, in fp32; eps is torch's default for fp32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
+    return y.astype(x.dtype)
+
+
+def rotary_tables(positions, head_dim, base=10000.0):
+    """cos, sin of shape (..., Dh/2) for integer positions, rounded to bf16 like nanochat's buffers."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(freqs).astype(jnp.bfloat16), jnp.sin(freqs).astype(jnp.bfloat16)
+
+
+def apply_rotary_emb(x, cos, sin):
+    """x: (B, T, N, Dh); cos/sin: (B or 1, T, Dh/2). Rotates the two halves of each head."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+
+
+def softcap(logits, cap=15.0):
+    return cap * jnp.tanh(logits / cap)
+
+
+def cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
+    """Per-token loss of softcapped fp32 logits, 0 where target == -1. h: (N, D), targets: (N,).
+    The logits are built chunk by chunk under jax.checkpoint, so at most (chunk, V) fp32 logits
+    exist at once, in the forward and in the backward pass."""
+    N, D = h.shape
+    V = lm_kernel.shape[1]
+    chunk = chunk_tokens or max(1, min(N, 2**28 // V))  # ~1 GiB of fp32 logits per chunk
+    n_chunks = -(-N // chunk)
+    pad = n_chunks * chunk - N
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, D)
+    targets = jnp.pad(targets, (0, pad), constant_values=-1).reshape(n_chunks, chunk)
+
+    @jax.checkpoint
+    def chunk_loss(args):
+        hc, tc = args  # (C, D), (C,)
+        logits = softcap((hc @ lm_kernel.astype(hc.dtype)).astype(jnp.float32))  # (C, V)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0]
+        return jnp.where(tc >= 0, lse - target_logit, 0.0)
+
+    losses = jax.lax.map(chunk_loss, (h, targets))  # (n_chunks, C)
+    return losses.reshape(-1)[:N]
+
+
+# -----------------------------------------------------------------------------
+# Modules
+
+class Linear(nnx.Module):
+    """y = x @ W without bias; W is kept fp32 and cast to the activation dtype for the matmul."""
+
+    def __init__(self, d_in, d_out, axes, init, *, rngs):
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.float32), axes=axes)
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype)
+
+
+def uniform_init(d_model):
+    s = math.sqrt(3) / math.sqrt(d_model)  # std 1/sqrt(d)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -s, s)
+
+
+def zeros_init(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config, *, attn_impl, rngs):
+        D, H, K, Dh = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.attn_impl = H, K, Dh, attn_impl
+        self.c_q = Linear(D, H * Dh, ("embed", "heads"), uniform_init(D), rngs=rngs)
+        self.c_k = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs)
+        self.c_v = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs)
+        self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs)
+
+    def __call__(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
+        k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
+        v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
+        q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
+        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config, *, rngs):
+        D = config.n_embd
+        self.c_fc = Linear(D, 4 * D, ("embed", "mlp"), uniform_init(D), rngs=rngs)
+        self.c_proj = Linear(4 * D, D, ("mlp", "embed"), zeros_init, rngs=rngs)
+
+    def __call__(self, x):
+        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))  # ReLU²
+
+
+class Block(nnx.Module):
+    def __init__(self, config, *, attn_impl, rngs):
+        self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, cos, sin):
+        x = x + self.attn(norm(x), cos, sin)
+        x = x + self.mlp(norm(x))
+        return constrain(x, "batch", None, None)
+
+
+class GPT(nnx.Module):
+    """Init is nanochat v1's: wte N(0,1), lm_head N(0,0.001), c_q/c_k/c_v/c_fc U(±sqrt(3/d)) (std 1/sqrt(d)),
+    both output projections zero."""
+
+    def __init__(self, config, *, dtype=jnp.float32, attn_impl="xla", remat=False, rngs):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        self.wte = nnx.Embed(config.vocab_size, config.n_embd, param_dtype=jnp.float32,
+                             embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+        self.wte.embedding.set_metadata(axes=("vocab_rows", "embed"))
+        self.blocks = nnx.List([Block(config, attn_impl=attn_impl, rngs=rngs) for _ in range(config.n_layer)])
+        self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"),
+                              nnx.initializers.normal(0.001), rngs=rngs)
+
+    def features(self, idx):
+        """Final normed hidden states (B, T, D) for token ids idx (B, T)."""
+        B, T = idx.shape
+        cos, sin = rotary_tables(jnp.arange(T)[None, :], self.config.head_dim)  # (1, T, Dh/2)
+        x = norm(self.wte.embedding[...][idx].astype(self.dtype))  # (B, T, D)
+        x = constrain(x, "batch", None, None)
+        for block in self.blocks:
+            x = nnx.remat(lambda blk, x: blk(x, cos, sin))(block, x) if self.remat else block(x, cos, sin)
+        return norm(x)
+
+    def __call__(self, idx, targets=None, loss_reduction="mean"):
+        """Logits (B, T, V) in fp32 without targets; with targets (-1 = ignore), the mean loss or,
+        with loss_reduction='none', the per-token loss (B, T)."""
+        h = self.features(idx)
+        if targets is None:
+            return softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
+        B, T, D = h.shape
+        losses = cross_entropy(h.reshape(B * T, D), self.lm_head.kernel[...], targets.reshape(B * T))
+        if loss_reduction == "none":
+            return losses.reshape(B, T)
+        return losses.sum() / jnp.maximum((targets >= 0).sum(), 1)
+
+    def num_params(self):
+        return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def estimate_flops(self):
+        """FLOPs per token, nanochat's formula: 6·(N − N_wte) + 12·L·H·Dh·T (matmuls fwd+bwd, plus attention)."""
+        c = self.config
+        n_matmul = self.num_params() - self.wte.embedding.size
+        return 6 * n_matmul + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len

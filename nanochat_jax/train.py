@@ -1,0 +1,78 @@
+"""
+The jitted train and eval steps. The model and optimizer are split into (graphdef, state) once;
+each step merges them inside the jit, so Python never walks the object graph per step, and the
+state buffers are donated, so the update happens in place.
+
+    graphdef, state = init_train_state(config, tx, mesh)
+    step = make_train_step(graphdef, state)
+    state, metrics = step(state, inputs, targets)   # (grad_accum, B, T) int32 each, -1 = ignore
+"""
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nanochat_jax.model import GPT
+from nanochat_jax.sharding import batch_sharding, state_shardings
+
+
+def _model_and_optimizer(config, tx, seed, **model_kwargs):
+    model = GPT(config, rngs=nnx.Rngs(seed), **model_kwargs)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def init_train_state(config, tx, mesh, seed=0, **model_kwargs):
+    """Build model and optimizer directly sharded on the mesh: the init runs inside a jit whose
+    outputs are sharded, so no device ever holds an unsharded copy."""
+    abstract = nnx.eval_shape(lambda: _model_and_optimizer(config, tx, seed, **model_kwargs))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.state(_model_and_optimizer(config, tx, seed, **model_kwargs)), out_shardings=shardings)()
+    return graphdef, state
+
+
+def shard_state(model, tx, mesh):
+    """(graphdef, state) for an existing model (e.g. with imported weights), placed on the mesh."""
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    return graphdef, jax.device_put(state, state_shardings(state, mesh))
+
+
+def make_train_step(graphdef, state):
+    """One optimizer step over grad_accum micro-batches, accumulated inside the jit. No host sync:
+    the metrics come back as device arrays."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+    def train_step(state, inputs, targets):
+        model, optimizer = nnx.merge(graphdef, state)
+        inputs, targets = (jax.lax.with_sharding_constraint(a, batch_sharding(mesh, ndim=3, batch_axis=1)) for a in (inputs, targets))
+
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss_fn(params, x, y):  # (B, T) each
+            return nnx.merge(model_def, params, rest)(x, y)
+
+        def micro_step(grad_sum, xy):
+            loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
+        grads = jax.tree.map(lambda g: g / inputs.shape[0], grad_sum)  # mean over micro-batches
+        optimizer.update(model, grads)
+        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
+        return nnx.state((model, optimizer)), metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """Per-token loss (B, T) of inputs -> targets (-1 = ignore), e.g. for bits per byte."""
+    @jax.jit
+    def eval_step(state, inputs, targets):
+        model, _ = nnx.merge(graphdef, state)
+        return model(inputs, targets, loss_reduction="none")
+    return eval_step
