@@ -26,6 +26,9 @@ if args is not None and args.mesh and "-1" not in args.mesh:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+# The golden numbers are float32 maths: keep GPUs from running fp32 matmuls as TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402

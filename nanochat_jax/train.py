@@ -25,7 +25,8 @@ def _model_and_optimizer(config, tx, seed, **model_kwargs):
 
 def init_train_state(config, tx, mesh, seed=0, **model_kwargs):
     """Build model and optimizer directly sharded on the mesh: the init runs inside a jit whose
-    outputs are sharded, so no device ever holds an unsharded copy."""
+    outputs are sharded, so no device ever holds an unsharded copy. Call it outside `jax.set_mesh`:
+    flax 0.12's eval_shape fails on the abstract mesh that context installs."""
     abstract = nnx.eval_shape(lambda: _model_and_optimizer(config, tx, seed, **model_kwargs))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh)

@@ -16,7 +16,7 @@ from nanochat_jax.muon import aspect_scale, newton_schulz, scale_by_muon
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "..", "shared", "golden", "muon_steps.npz")
-SHAPES = [(64, 256), (256, 64), (96, 96), (48, 80)]  # Flax (in, out): wide, tall (2x scale), square, odd
+SHAPES = [(64, 256), (256, 64), (96, 80)]  # Flax (in, out): wide, tall (2x scale), near-square
 
 
 def rel_err(x, ref):
@@ -28,21 +28,20 @@ def random_grads(seed, shapes=SHAPES):
     return {f"w{i}": jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))}
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_matches_optax_muon_in_float32(nesterov):
+def test_matches_optax_muon_in_float32():
     """optax's Muon with the same maths: NS in f32 on both sides, eps 1e-7, and optax's bias correction switched
     off by starting its step count at 10^6 (0.95^10^6 underflows to 0, so 1 - β^t is exactly 1); the aspect
     scale is optax's scale_by_shape rule sqrt(max(1, fan_out/fan_in)), applied here by hand."""
-    ours = scale_by_muon(momentum=0.95, nesterov=nesterov, ns_dtype=jnp.float32)
-    ref = optax_scale_by_muon(beta=0.95, eps=1e-7, nesterov=nesterov,
+    ours = scale_by_muon(momentum=0.95, nesterov=True, ns_dtype=jnp.float32)
+    ref = optax_scale_by_muon(beta=0.95, eps=1e-7, nesterov=True,
                               weight_dimension_numbers=lambda u: jax.tree.map(lambda _: MuonDimensionNumbers(0, 1), u))
     params = random_grads(0)
     s_ours, s_ref = ours.init(params), ref.init(params)
     s_ref = s_ref._replace(count=jnp.asarray(10**6, jnp.int32))
     for step in range(4):
         grads = random_grads(step + 1)
-        u_ours, s_ours = ours.update(grads, s_ours)
-        u_ref, s_ref = ref.update(grads, s_ref)
+        u_ours, s_ours = jax.jit(ours.update)(grads, s_ours)
+        u_ref, s_ref = jax.jit(ref.update)(grads, s_ref)
         for k, g in grads.items():
             assert u_ours[k].dtype == g.dtype == jnp.float32
             err = rel_err(u_ours[k], aspect_scale(g.shape) * np.asarray(u_ref[k]))
@@ -65,7 +64,7 @@ def test_golden_updates_match_pytorch_nanochat():
     state = tx.init(params)
     errors = []
     for s in range(meta["steps"]):
-        updates, state = tx.update({i: kernel(data[f"grad_{s}_{i}"]) for i in range(n)}, state, params)
+        updates, state = jax.jit(tx.update)({i: kernel(data[f"grad_{s}_{i}"]) for i in range(n)}, state, params)
         params = optax.apply_updates(params, updates)
         for i in range(n):
             prev = data[f"init_{i}"] if s == 0 else data[f"param_{s - 1}_{i}"]
@@ -74,13 +73,13 @@ def test_golden_updates_match_pytorch_nanochat():
     assert max(errors) <= 0.1, errors
 
 
-@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 192)])
+@pytest.mark.parametrize("shape", [(64, 256), (192, 128)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_newton_schulz_singular_values_land_near_one(shape, dtype):
     """NS doesn't converge to exactly orthogonal: by design singular values end up roughly in (0.5, 1.5).
     Non-square Gaussian matrices keep their smallest singular value away from 0, so all of them get there."""
     G = jax.random.normal(jax.random.PRNGKey(0), shape) * 3.0
-    O = newton_schulz(G, dtype=dtype)
+    O = jax.jit(newton_schulz, static_argnames="dtype")(G, dtype=dtype)
     assert O.dtype == dtype and O.shape == shape
     sv = np.linalg.svd(np.asarray(O, np.float32), compute_uv=False)
     assert 0.5 < sv.min() and sv.max() < 1.5, (sv.min(), sv.max())
@@ -130,11 +129,11 @@ def test_sharded_matrices_give_the_same_update():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from nanochat_jax.muon import scale_by_muon
-        mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"))
+        mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
         sharding = NamedSharding(mesh, P("fsdp", "tensor"))
         g = jax.random.normal(jax.random.PRNGKey(0), (64, 128))
         tx = scale_by_muon(ns_dtype=jnp.float32)
-        u_ref, _ = tx.update({"w": g}, tx.init({"w": g}))
+        u_ref, _ = jax.jit(tx.update)({"w": g}, tx.init({"w": g}))
         gs = {"w": jax.device_put(g, sharding)}
         u, state = jax.jit(tx.update)(gs, jax.jit(tx.init)(gs))
         assert len(u["w"].sharding.device_set) == 4, u["w"].sharding
