@@ -61,9 +61,9 @@ def norm(x):
 
 
 def rotary_tables(positions, head_dim, base=10000.0):
-    """cos, sin of shape (..., Dh/2) for integer positions, rounded to bf16 like nanochat's buffers."""
+    """cos, sin of shape (B, T, Dh/2) for integer positions (B, T), rounded to bf16 like nanochat's buffers."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    freqs = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
     return jnp.cos(freqs).astype(jnp.bfloat16), jnp.sin(freqs).astype(jnp.bfloat16)
 
 

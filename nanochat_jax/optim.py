@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nanochat_jax.muon import scale_by_muon
@@ -40,8 +41,8 @@ def muon_momentum(it):
 def traced_schedule(f, corners):
     """f as a jnp function of the step count, for an f that is linear between the integer `corners`
     and flat after the last: interpolating f's own values there is exact, so the formula lives only once."""
-    xs = jnp.array(corners, jnp.float32)
-    ys = jnp.array([f(c) for c in corners], jnp.float32)
+    xs = np.array(corners, np.float32)  # numpy: a constant wherever it is traced (tx may be built inside jit)
+    ys = np.array([f(c) for c in corners], np.float32)
     return lambda count: jnp.interp(count, xs, ys)  # past the last corner: holds f(corners[-1])
 
 # -----------------------------------------------------------------------------
@@ -65,9 +66,10 @@ def param_labels(params):
 
 def build_optimizer(d_model, num_iterations=None, *, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004,
                     weight_decay=0.0, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0,
-                    adam_betas=(0.8, 0.95), adam_eps=1e-10, schedule=True):
+                    adam_betas=(0.8, 0.95), adam_eps=1e-10, schedule=True, ns_dtype=jnp.bfloat16):
     """Muon + AdamW over a param tree (an nnx.State of Params, or a dict with the same keys).
-    schedule=False or num_iterations=None: constant lrs and momentum 0.95 (as in the golden train file)."""
+    schedule=False or num_iterations=None: constant lrs and momentum 0.95 (as in the golden train file).
+    ns_dtype: Newton-Schulz precision (bf16 as nanochat; fp32 for exact comparisons)."""
     if schedule and num_iterations is not None:
         T = num_iterations
         warmup_iters, warmdown_iters = round(warmup_ratio * T), round(warmdown_ratio * T)
@@ -89,7 +91,7 @@ def build_optimizer(d_model, num_iterations=None, *, matrix_lr=0.02, embedding_l
         return optax.adamw(scheduled(lr), b1=adam_betas[0], b2=adam_betas[1], eps=adam_eps, weight_decay=weight_decay)
 
     return optax.partition({
-        "muon": optax.chain(scale_by_muon(momentum), optax.scale_by_learning_rate(scheduled(matrix_lr))),
+        "muon": optax.chain(scale_by_muon(momentum, ns_dtype=ns_dtype), optax.scale_by_learning_rate(scheduled(matrix_lr))),
         "embedding": adamw(embedding_lr * dmodel_lr_scale),
         "unembedding": adamw(unembedding_lr * dmodel_lr_scale),
     }, param_labels)

@@ -49,10 +49,13 @@ def parse_mesh(spec, num_devices):
     return sizes
 
 
-def make_mesh(spec=None):
-    sizes = parse_mesh(spec, jax.device_count())
+def make_mesh(spec=None, devices=None):
+    """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all of them)."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = parse_mesh(spec, len(devices))
     # Auto axes: XLA's sharding propagation places the collectives (GSPMD style)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_spec(axes):

@@ -64,7 +64,7 @@ def make_train_step(graphdef, state):
         grad_sum, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
         grads = jax.tree.map(lambda g: g / inputs.shape[0], grad_sum)  # mean over micro-batches
         optimizer.update(model, grads)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
         return nnx.state((model, optimizer)), metrics
 
     return train_step

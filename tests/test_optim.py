@@ -12,14 +12,17 @@ from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum, pa
 D, V = 16, 40
 
 
-def dict_params(d=D, n_layer=2):
-    """A dict with the model's key paths and Flax (in, out) kernel shapes."""
+def dict_params(n_layer=2, full=True):
+    """A dict with the model's key paths and Flax (in, out) kernel shapes; full=False keeps one square and one
+    wide (2x aspect scale) block matrix, to keep compiles short."""
     rng = np.random.default_rng(0)
     w = lambda *shape: jnp.asarray(0.1 * rng.standard_normal(shape), jnp.float32)
-    block = lambda: {"attn": {"c_q": {"kernel": w(d, d)}, "c_k": {"kernel": w(d, d // 2)}, "c_v": {"kernel": w(d, d // 2)},
-                              "c_proj": {"kernel": w(d, d)}},
-                     "mlp": {"c_fc": {"kernel": w(d, 4 * d)}, "c_proj": {"kernel": w(4 * d, d)}}}
-    return {"wte": {"embedding": w(V, d)}, "blocks": {i: block() for i in range(n_layer)}, "lm_head": {"kernel": w(d, V)}}
+    block = lambda: {"attn": {"c_q": {"kernel": w(D, D)}, "c_k": {"kernel": w(D, D // 2)}, "c_v": {"kernel": w(D, D // 2)},
+                              "c_proj": {"kernel": w(D, D)}},
+                     "mlp": {"c_fc": {"kernel": w(D, 4 * D)}, "c_proj": {"kernel": w(4 * D, D)}}}
+    mini_block = lambda: {"attn": {"c_q": {"kernel": w(D, D)}}, "mlp": {"c_fc": {"kernel": w(D, 4 * D)}}}
+    blocks = {i: block() if full else mini_block() for i in range(n_layer)}
+    return {"wte": {"embedding": w(V, D)}, "blocks": blocks, "lm_head": {"kernel": w(D, V)}}
 
 
 def test_labels_follow_key_paths():
@@ -53,7 +56,7 @@ def test_traced_schedules_equal_the_python_ones_at_every_step(T, warmup, warmdow
 def test_first_step_sizes_of_each_group():
     """Adam's first step is lr·sign(g), so the AdamW lrs can be read off the update: base·(D/768)^-0.5.
     Muon's step is matrix_lr times our Muon direction (no D scaling). Warmup 0.5 of T=10: multiplier 0.2 on all."""
-    params = dict_params(n_layer=1)
+    params = dict_params(n_layer=1, full=False)
     grads = jax.tree.map(lambda p: jnp.asarray(np.sin(1000.0 * np.asarray(p))), params)  # any gradient without zeros
     d_model = 192  # sets only the lr scale, 2x here; the params stay tiny
     tx = build_optimizer(d_model, 10, warmup_ratio=0.5)
@@ -64,13 +67,14 @@ def test_first_step_sizes_of_each_group():
     np.testing.assert_allclose(jnp.abs(updates["wte"]["embedding"]), 0.2 * 0.2 * scale, rtol=1e-5)
     np.testing.assert_allclose(jnp.abs(updates["lm_head"]["kernel"]), 0.2 * 0.004 * scale, rtol=1e-5)
     for u, o in zip(jax.tree.leaves(updates["blocks"]), jax.tree.leaves(direction)):
-        np.testing.assert_allclose(u, -0.2 * 0.02 * o, rtol=1e-6)
+        # equal up to bf16 NS rounding (0 on CPU, 4-5% on an H200); a wrong lr scale would be off by 2x or 5x
+        assert np.linalg.norm(u + 0.2 * 0.02 * o) / np.linalg.norm(u) < 0.1
 
 
 def test_jitted_steps_follow_the_schedule_without_recompiling():
     """With a constant gradient Adam's step stays lr·sign(g), so |Δwte| traces the LR multiplier step by step."""
     T = 6
-    params = dict_params(n_layer=1)
+    params = dict_params(n_layer=1, full=False)
     grads = jax.tree.map(jnp.ones_like, params)
     tx = build_optimizer(D, T, warmdown_ratio=0.5, final_lr_frac=0.1)
     traces = []
@@ -81,7 +85,7 @@ def test_jitted_steps_follow_the_schedule_without_recompiling():
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, updates
 
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     base_lr = 0.2 * (D / 768) ** -0.5
     for it in range(T):
         params, state, updates = step(params, state)
@@ -92,7 +96,7 @@ def test_jitted_steps_follow_the_schedule_without_recompiling():
 
 def test_weight_decay_is_decoupled_and_adamw_only():
     """torch AdamW: a zero gradient still shrinks p by lr·wd·p; v1's Muon has no weight decay."""
-    params = dict_params(n_layer=1)
+    params = dict_params(n_layer=1, full=False)
     tx = build_optimizer(D, weight_decay=0.1)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(lambda: tx.update(zeros, tx.init(params), params))()
@@ -119,9 +123,13 @@ class TinyGPT(nnx.Module):
 
 
 def test_nnx_optimizer_steps_a_model():
-    model = TinyGPT(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, build_optimizer(768, 100), wrt=nnx.Param)  # D=768: the AdamW lrs unscaled
-    idx = jnp.arange(12).reshape(2, 6) % V
+    @nnx.jit  # one compile instead of one per eager init op
+    def init():
+        model = TinyGPT(nnx.Rngs(0))
+        return model, nnx.Optimizer(model, build_optimizer(768, 100), wrt=nnx.Param)  # D=768: AdamW lrs unscaled
+
+    model, optimizer = init()
+    idx = jnp.asarray(np.arange(12).reshape(2, 6) % V)
 
     @nnx.jit
     def train_step(model, optimizer):

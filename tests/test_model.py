@@ -1,0 +1,150 @@
+"""The GPT: nanochat v1's shapes, init and maths, checked on tiny configs (D=64) on the CPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax.model import GPT, GPTConfig, config_for_depth, cross_entropy, softcap
+
+TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+# Jitted calls: eager op-by-op dispatch would make these tests ~5x slower.
+logits_of = nnx.jit(lambda model, x: model(x))
+loss_of = nnx.jit(lambda model, x, y: model(x, y))
+per_token_loss_of = nnx.jit(lambda model, x, y: model(x, y, loss_reduction="none"))
+loss_and_grads_of = nnx.jit(lambda model, x, y: nnx.value_and_grad(lambda m: m(x, y))(model))
+
+
+def tokens(shape, seed=0, vocab=TINY.vocab_size):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def trained_like(model, seed=1):
+    """Init zeroes the output projections; give every weight random values so all paths matter."""
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    for _, param in nnx.iter_graph(model):
+        if isinstance(param, nnx.Param):
+            param[...] = jax.random.normal(next(keys), param.shape) * 0.1
+    return model
+
+
+@pytest.mark.parametrize("depth, width, heads, params, flops", [
+    (20, 1280, 10, 560_988_160, 3.491758e9),  # the speedrun model, as in nanochat's logs and report
+    (26, 1664, 13, 1_081_999_360, None),
+    (32, 2048, 16, 1_879_048_192, 1.207960e10),
+])
+def test_depth_dial_matches_nanochat_v1(depth, width, heads, params, flops):
+    config = config_for_depth(depth)
+    assert (config.n_embd, config.n_head, config.n_kv_head, config.head_dim) == (width, heads, heads, 128)
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))  # shapes only: no memory
+    assert model.num_params() == params
+    if flops:
+        assert model.estimate_flops() == pytest.approx(flops, rel=1e-6)
+
+
+def test_config_rejects_impossible_head_layouts():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="divisible by n_kv_head"):
+        GPTConfig(n_embd=64, n_head=4, n_kv_head=3)
+
+
+def test_init_follows_nanochat_v1():
+    config = GPTConfig(sequence_len=32, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+    model = GPT(config, rngs=nnx.Rngs(0))
+    bound = np.sqrt(3 / 256)
+    assert np.std(model.wte.embedding[...]) == pytest.approx(1.0, rel=0.02)
+    assert np.std(model.lm_head.kernel[...]) == pytest.approx(0.001, rel=0.02)
+    for block in model.blocks:
+        for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            w = np.asarray(linear.kernel[...])
+            assert np.abs(w).max() <= bound and np.std(w) == pytest.approx(1 / 16, rel=0.05)  # std 1/sqrt(D)
+        assert not np.any(block.attn.c_proj.kernel[...]) and not np.any(block.mlp.c_proj.kernel[...])
+
+
+def test_fresh_model_predicts_nearly_uniform():
+    """With lm_head ~ N(0, 0.001) the first loss is ln(V): a check nanochat's logs show at step 0."""
+    model = GPT(TINY, rngs=nnx.Rngs(0))
+    x = tokens((2, 16))
+    assert float(loss_of(model, x, x)) == pytest.approx(np.log(TINY.vocab_size), abs=0.01)
+
+
+def test_chunked_loss_matches_plain_cross_entropy():
+    """The chunked loss (never more than `chunk` rows of logits) equals the textbook one, value and gradient,
+    including a ragged last chunk and ignored targets."""
+    h = jax.random.normal(jax.random.key(0), (37, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 50)) * 0.5
+    targets = jax.random.randint(jax.random.key(2), (37,), 0, 50).at[::5].set(-1)
+
+    def plain(h, w):
+        logits = softcap(h @ w)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+        return jnp.where(targets >= 0, nll, 0.0)
+
+    chunked = jax.jit(lambda h, w: cross_entropy(h, w, targets, chunk_tokens=8))
+    np.testing.assert_allclose(chunked(h, w), plain(h, w), rtol=1e-6, atol=1e-6)
+    assert float(chunked(h, w)[0]) == 0.0  # target -1
+    g_chunked = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
+    g_plain = jax.grad(lambda h, w: plain(h, w).sum(), argnums=(0, 1))(h, w)
+    for a, b in zip(g_chunked, g_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_loss_ignores_masked_targets():
+    model = trained_like(GPT(TINY, rngs=nnx.Rngs(0)))
+    x, y = tokens((2, 16)), tokens((2, 16), seed=1)
+    y_masked = y.at[:, :5].set(-1)
+    per_token = per_token_loss_of(model, x, y_masked)
+    assert per_token.shape == (2, 16) and not np.any(per_token[:, :5])
+    assert float(loss_of(model, x, y_masked)) == pytest.approx(float(per_token.sum() / 22), rel=1e-6)
+
+
+def test_logits_do_not_depend_on_future_tokens():
+    """Causality: changing tokens after position t leaves the logits up to t unchanged."""
+    model = trained_like(GPT(TINY, rngs=nnx.Rngs(0)))
+    x = tokens((1, 16))
+    y = x.at[0, 9:].set((x[0, 9:] + 1) % TINY.vocab_size)
+    a, b = logits_of(model, x), logits_of(model, y)
+    np.testing.assert_array_equal(a[0, :9], b[0, :9])
+    assert not np.allclose(a[0, 9:], b[0, 9:])
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    """GQA shares each kv head with n_head / n_kv_head query heads: the same model with its k, v heads
+    copied out to one per query head must give identical logits."""
+    gqa = trained_like(GPT(TINY, rngs=nnx.Rngs(0)))
+    mha_config = GPTConfig(**{**TINY.__dict__, "n_kv_head": TINY.n_head})
+    mha = GPT(mha_config, rngs=nnx.Rngs(0))
+    Dh, group = TINY.head_dim, TINY.n_head // TINY.n_kv_head
+    mha.wte.embedding[...] = gqa.wte.embedding[...]
+    mha.lm_head.kernel[...] = gqa.lm_head.kernel[...]
+    for g, m in zip(gqa.blocks, mha.blocks):
+        for name in ("c_q", "c_proj"):
+            getattr(m.attn, name).kernel[...] = getattr(g.attn, name).kernel[...]
+        for name in ("c_k", "c_v"):
+            w = getattr(g.attn, name).kernel[...].reshape(TINY.n_embd, TINY.n_kv_head, Dh)
+            getattr(m.attn, name).kernel[...] = jnp.repeat(w, group, axis=1).reshape(TINY.n_embd, -1)
+        m.mlp.c_fc.kernel[...], m.mlp.c_proj.kernel[...] = g.mlp.c_fc.kernel[...], g.mlp.c_proj.kernel[...]
+    x = tokens((2, 16))
+    np.testing.assert_allclose(logits_of(gqa, x), logits_of(mha, x), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_changes_memory_not_maths():
+    x, y = tokens((2, 16)), tokens((2, 16), seed=1)
+    plain = trained_like(GPT(TINY, rngs=nnx.Rngs(0)))
+    remat = trained_like(GPT(TINY, remat=True, rngs=nnx.Rngs(0)))
+    (l1, g1), (l2, g2) = loss_and_grads_of(plain, x, y), loss_and_grads_of(remat, x, y)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+    """bf16 activations (the GPU setting) with fp32 params and fp32 logits: the loss moves by bf16 noise only."""
+    x, y = tokens((2, 32)), tokens((2, 32), seed=1)
+    fp32 = trained_like(GPT(TINY, rngs=nnx.Rngs(0)))
+    bf16 = trained_like(GPT(TINY, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert logits_of(bf16, x).dtype == jnp.float32
+    assert float(loss_of(bf16, x, y)) == pytest.approx(float(loss_of(fp32, x, y)), rel=2e-2)
