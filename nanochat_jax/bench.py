@@ -3,10 +3,12 @@ Benchmarks that print figures (no timed unit tests). Random tokens, the real mod
 
 python -m nanochat_jax.bench train --depth 20 --device-batch-size 32          # one GPU
 python -m nanochat_jax.bench train --depth 4 --device-batch-size 2 --seq-len 256 --steps 3   # CPU smoke run
+python -m nanochat_jax.bench data --data-dir DIR --threads 1,2                  # loader tokens/s
 
 train: the full step (fwd, bwd, Muon + AdamW) at nanochat's shapes; prints compile time, median
 step time, tokens/s, MFU against 989 TF/s per GPU (H100 bf16 dense, as nanochat) and peak memory.
 On GPU it first checks that cuDNN and XLA attention agree.
+data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for each thread count.
 """
 import argparse
 import os
@@ -83,6 +85,22 @@ def bench_train(args):
           f"{len(times)} steps) | {tok_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | peak mem {peak:.1f} GiB | last loss {loss:.3f}")
 
 
+def bench_data(args):
+    from nanochat_jax.dataloader import make_loader
+    from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
+    print(f"{os.cpu_count()} CPUs, vocab {tokenizer.get_vocab_size():,}, batch {args.batch_size}x{args.seq_len}, mode {args.mode}")
+    for threads in map(int, args.threads.split(",")):
+        loader = make_loader(tokenizer, args.batch_size, args.seq_len, data_dir=args.data_dir, mode=args.mode, threads=threads)
+        for _ in range(args.warmup):
+            next(loader)
+        t0 = time.perf_counter()
+        for _ in range(args.batches):
+            next(loader)
+        dt = time.perf_counter() - t0
+        print(f"threads {threads}: {args.batches * args.batch_size * args.seq_len / dt:,.0f} tokens/s ({dt / args.batches * 1000:.1f} ms/batch)")
+
+
 parser = argparse.ArgumentParser(description="nanochat_jax benchmarks")
 sub = parser.add_subparsers(dest="what", required=True)
 p = sub.add_parser("train", help="full train step at a given depth")
@@ -97,6 +115,16 @@ p.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4 (defau
 p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (saves memory)")
 p.add_argument("--attn", type=str, default=None, choices=["cudnn", "xla"], help="attention backend (default: cudnn on GPU)")
 
+p = sub.add_parser("data", help="pretraining loader throughput")
+p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: downloaded, else embedded)")
+p.add_argument("--tokenizer-dir", type=str, default=None, help="default: $NANOCHAT_JAX_HOME/tokenizer")
+p.add_argument("--threads", type=str, default="1,2", help="comma-separated thread counts to try")
+p.add_argument("--batch-size", type=int, default=32)
+p.add_argument("--seq-len", type=int, default=2048)
+p.add_argument("--mode", type=str, default="stream", choices=["stream", "bestfit"])
+p.add_argument("--batches", type=int, default=30, help="timed batches")
+p.add_argument("--warmup", type=int, default=3)
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    bench_train(args)
+    {"train": bench_train, "data": bench_data}[args.what](args)

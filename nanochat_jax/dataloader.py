@@ -166,5 +166,5 @@ def make_loader(tokenizer, batch_size, seq_len, split="train", data_dir=None, mo
     """The packed-batch iterator for this process. split='val' reads once through, in order (bpb eval)."""
     units = row_group_units(split, data_dir, process_index, process_count)
     row_groups = TokenizedRowGroups(units, tokenizer, epochs=1 if split == "val" else epochs, tokenizer_threads=threads)
-    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))  # grain caps threads at the buffer
     return PackedBatches(row_groups, read_options, batch_size, seq_len, mode=mode, buffer_docs=buffer_docs)

@@ -1,4 +1,4 @@
-"""`python -m nanochat_jax.bench train` runs end to end (a tiny CPU smoke run; real figures come from GPUs)."""
+"""`python -m nanochat_jax.bench` runs end to end (tiny CPU smoke runs; real figures come from the benchmarks)."""
 import os
 import re
 import subprocess
@@ -7,10 +7,23 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_benchmark_prints_its_figures():
-    result = subprocess.run([sys.executable, "-m", "nanochat_jax.bench", "train", "--depth", "2", "--device-batch-size", "2",
-                             "--seq-len", "64", "--vocab-size", "512", "--steps", "2", "--warmup", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+def bench(*args):
+    result = subprocess.run([sys.executable, "-m", "nanochat_jax.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    line = result.stdout.strip().splitlines()[-1]
+    return result.stdout
+
+
+def test_train_benchmark_prints_its_figures():
+    out = bench("train", "--depth", "2", "--device-batch-size", "2", "--seq-len", "64", "--vocab-size", "512", "--steps", "2", "--warmup", "1")
+    line = out.strip().splitlines()[-1]
     assert re.search(r"compile [\d.]+s \| step median [\d.]+ ms .* tok/s \| MFU [\d.]+% \| peak mem", line), line
+
+
+def test_data_benchmark_prints_tokens_per_second(tmp_path):
+    from nanochat_jax.dataset import write_shards
+    from nanochat_jax.tokenizer import Tokenizer
+    Tokenizer([bytes([b]) for b in range(256)]).save(str(tmp_path / "tok"))
+    write_shards([f"some text number {i} " * 30 for i in range(3000)], str(tmp_path / "data"), docs_per_shard=1024, num_val_docs=100)
+    out = bench("data", "--data-dir", str(tmp_path / "data"), "--tokenizer-dir", str(tmp_path / "tok"), "--threads", "1,2",
+                "--batch-size", "4", "--seq-len", "128", "--batches", "20")
+    assert re.search(r"threads 1: [\d,]+ tokens/s", out) and re.search(r"threads 2: [\d,]+ tokens/s", out), out

@@ -120,3 +120,16 @@ def test_mismatched_state_is_rejected(tmp_path):
     state = make_loader(BYTES, 1, 4, data_dir=data, mode="stream").get_state()
     with pytest.raises(ValueError, match="packing mode 'stream'"):
         make_loader(BYTES, 1, 4, data_dir=data, mode="bestfit").set_state(state)
+
+
+def test_batches_become_one_global_array_over_data_and_fsdp(tmp_path):
+    """Each process's rows go into one jax.Array whose batch dim is split over data × fsdp."""
+    import jax
+    from nanochat_jax.sharding import global_batch, make_mesh
+    data = corpus(tmp_path, [f"doc {i}" for i in range(40)], docs_per_shard=10)
+    batch = next(make_loader(BYTES, batch_size=8, seq_len=4, data_dir=data))
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    x = global_batch(batch["inputs"], mesh)
+    assert x.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert x.addressable_shards[0].data.shape == (2, 4)  # 8 rows over 4 data-parallel groups
+    np.testing.assert_array_equal(np.asarray(x), batch["inputs"])
