@@ -1,19 +1,36 @@
 """
 Run the whole pipeline for one tier, stage by stage, each stage in its own process
-(like nanochat's speedrun.sh). Flags per stage come from configs/<tier>.py.
+(like nanochat's speedrun.sh). Flags per stage come from configs/<tier>.py. A stage whose output
+already exists is skipped, so a speedrun that was interrupted continues where it stopped.
 
 python run_speedrun.py --tier=tiny                      # CPU, minutes, embedded corpus
 python run_speedrun.py --tier=d20 --data-dir DIR        # GPUs
 """
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 import time
 
-# Stages in pipeline order. Pretraining, mid/SFT/RL, evals and the report join this list as they land.
-STAGES = ["tok_train", "tok_eval"]
-DATA_STAGES = {"tok_train", "tok_eval"}  # stages that read the pretraining shards
+# Stages in pipeline order. Mid, SFT, RL and the chat evals join this list as they land.
+STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_loss"]
+DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
+
+
+def base_tag(config):
+    return f"d{config.base_train['depth']}"
+
+
+def done(stage, config):
+    """The stage's output exists: its report section (written when it finishes), or for data the shards."""
+    base = base_dir()
+    if stage == "data":
+        return args.data_dir is not None or (config.data.get("embedded") and os.path.isdir(os.path.join(base, "base_data_sotu")))
+    section = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",
+               "base_train": "base-model-training", "base_loss": "base-model-loss"}
+    return os.path.isfile(os.path.join(base, "report", section[stage] + ".md"))
+
 
 parser = argparse.ArgumentParser(description="Run the nanochat_jax pipeline for one tier")
 parser.add_argument("--tier", type=str, default="tiny", choices=["tiny", "d20", "d26", "d32"], help="configs/<tier>.py")
@@ -27,15 +44,34 @@ def stage_command(stage):
     flags = dict(getattr(config, stage, {}))
     if stage in DATA_STAGES and args.data_dir:
         flags["data_dir"] = args.data_dir
-    cmd = [sys.executable, "-m", f"pipelines.{stage}"]
+    if stage == "base_train":
+        flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k in ("data_dir",)}}
+    if stage == "base_loss":
+        flags["tag"] = base_tag(config)
+    if stage == "base_train" and os.path.isdir(os.path.join(base_dir(), "base_checkpoints", base_tag(config))):
+        flags["resume"] = True  # an interrupted run continues from its latest checkpoint
+    module = "nanochat_jax.dataset" if stage == "data" else f"pipelines.{stage}"
+    cmd = [sys.executable, "-m", module]
     for key, value in flags.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+        cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return cmd
 
 
+def base_dir():
+    from nanochat_jax.common import get_base_dir
+    return get_base_dir()
+
+
 t_start = time.time()
+if not args.dry_run:
+    from nanochat_jax.report import get_report
+    if not any(done(stage, config) for stage in STAGES):
+        get_report().reset()  # a fresh run: new header (date, commit, hardware)
 for stage in STAGES:
     cmd = stage_command(stage)
+    if not args.dry_run and done(stage, config):
+        print(f"\n=== {stage}: already done, skipping (delete its report section to redo it)", flush=True)
+        continue
     print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
     if args.dry_run:
         continue
@@ -44,4 +80,6 @@ for stage in STAGES:
     if result.returncode != 0:
         sys.exit(f"stage {stage} failed (exit code {result.returncode}); later stages were not run")
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
+if not args.dry_run:
+    print(f"\nreport card: {get_report().generate()}")
 print(f"\nall stages done in {time.time() - t_start:.1f}s")

@@ -1,5 +1,7 @@
 """d20: nanochat's $100 speedrun model (561M params), 8 GPUs for ~4 hours."""
 
+data = dict(num_shards=240)  # FineWeb-Edu shards to download (~100 MB each), as nanochat
+
 tok_train = dict(vocab_size=65536, max_chars=2_000_000_000)  # 2^16 tokens on 2B characters, as speedrun.sh
 
 # speedrun.sh: 524,288 tokens per step (grad_accum 1 on 8 GPUs at batch 32), 20 tokens per parameter -> 21,400 steps

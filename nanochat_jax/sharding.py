@@ -104,10 +104,14 @@ def global_batch(local_batch, mesh, batch_axis=0):
 
 
 def init_distributed():
-    """Join a multi-process run when launched as one (coordinator given by the environment)."""
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    """Join a multi-process run when launched as one: JAX_NUM_PROCESSES > 1, JAX_PROCESS_ID, and
+    JAX_COORDINATOR_ADDRESS (host:port of process 0). Must run before anything touches the backend."""
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 and not jax.distributed.is_initialized():
+        if jax.config.jax_cpu_collectives_implementation is None:  # None: no cross-process collectives on CPU
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
+            initialization_timeout=int(os.environ.get("JAX_INIT_TIMEOUT", "300")),  # a peer that never starts
         )

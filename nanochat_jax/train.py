@@ -23,13 +23,26 @@ def _model_and_optimizer(config, tx, seed, **model_kwargs):
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def init_train_state(config, tx, mesh, seed=0, **model_kwargs):
-    """Build model and optimizer directly sharded on the mesh: the init runs inside a jit whose
-    outputs are sharded, so no device ever holds an unsharded copy. Call it outside `jax.set_mesh`:
-    flax 0.12's eval_shape fails on the abstract mesh that context installs."""
+def abstract_train_state(config, tx, mesh, seed=0, **model_kwargs):
+    """(graphdef, state of ShapeDtypeStructs carrying their shardings on mesh): the target for an init
+    or a checkpoint restore. Call it outside `jax.set_mesh`: flax 0.12's eval_shape fails on the
+    abstract mesh that context installs."""
     abstract = nnx.eval_shape(lambda: _model_and_optimizer(config, tx, seed, **model_kwargs))
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh)
+    shardings = state_shardings(abstract_state, mesh)  # one NamedSharding per Variable
+    def with_sharding(sharding, var):
+        if not hasattr(var, "shape"):  # e.g. optax's empty MaskedNode placeholders
+            return var
+        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding))
+    abstract_state = jax.tree.map(with_sharding, shardings, abstract_state)
+    return graphdef, abstract_state
+
+
+def init_train_state(config, tx, mesh, seed=0, **model_kwargs):
+    """Build model and optimizer directly sharded on the mesh: the init runs inside a jit whose
+    outputs are sharded, so no device ever holds an unsharded copy. Call it outside `jax.set_mesh`."""
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh, seed, **model_kwargs)
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
     state = jax.jit(lambda: nnx.state(_model_and_optimizer(config, tx, seed, **model_kwargs)), out_shardings=shardings)()
     return graphdef, state
 

@@ -12,6 +12,7 @@ import threading
 
 import tiktoken
 
+from nanochat_jax.report import get_report
 from nanochat_jax.tokenizer import get_tokenizer
 
 parser = argparse.ArgumentParser(description="bytes-per-token comparison of our tokenizer vs GPT-2 / GPT-4")
@@ -177,11 +178,12 @@ columns = [f"{b} b/tok" for b in baselines] + ["ours b/tok"] + [f"vs {b}" for b 
 header = f"{'text':<10} {'bytes':>10} " + " ".join(f"{c:>11}" for c in columns)
 print(f"vocab size of ours: {tokenizers['ours'].get_vocab_size():,}")
 print("b/tok = bytes per token (higher = better compression); vs X = % fewer tokens than X (positive = ours is better)")
-print(header)
-print("-" * len(header))
+lines = [header, "-" * len(header)]
 for label, text in all_text:
     num_bytes = len(text.encode("utf-8"))
     tokens = {name: count_tokens(name, text) for name in ["ours"] + baselines}
     cells = [f"{num_bytes / tokens[b]:>11.2f}" for b in baselines] + [f"{num_bytes / tokens['ours']:>11.2f}"]
     cells += [f"{100 * (tokens[b] - tokens['ours']) / tokens[b]:>+10.1f}%" for b in baselines]
-    print(f"{label:<10} {num_bytes:>10,} " + " ".join(cells))
+    lines.append(f"{label:<10} {num_bytes:>10,} " + " ".join(cells))
+print("\n".join(lines))
+get_report().log("Tokenizer evaluation", [f"vocab size {tokenizers['ours'].get_vocab_size():,}; bytes per token:", "```", *lines, "```"])

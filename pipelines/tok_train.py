@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from nanochat_jax.common import get_base_dir
+from nanochat_jax.report import get_report
 from nanochat_jax.dataset import parquets_iter_batched
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -58,3 +59,7 @@ tokenizer.save(out_dir)
 tb = tokenizer.token_bytes[tokenizer.token_bytes > 0]  # specials count 0 bytes
 print(f"token_bytes over {len(tb):,} tokens: min {tb.min()}, max {tb.max()}, mean {tb.mean():.2f}, std {tb.std():.2f}")
 print(f"tokenizer saved to {out_dir}")
+get_report().log("Tokenizer training", [vars(args), {
+    "train time (s)": train_time, "characters": num_chars, "chars per second": num_chars / train_time,
+    "vocab size": tokenizer.get_vocab_size(), "token_bytes min": int(tb.min()), "token_bytes max": int(tb.max()),
+    "token_bytes mean": float(tb.mean()), "token_bytes std": float(tb.std())}])

@@ -1,0 +1,95 @@
+"""
+Training checkpoints with orbax, one CheckpointManager per run, under
+$NANOCHAT_JAX_HOME/<stage>_checkpoints/<tag>/<step>/ with three items:
+  state  model params and optimizer state (sharded arrays; restorable onto any mesh)
+  data   the data loader's state (grain's checkpoint handler, one small JSON per process)
+  meta   JSON: step, loop state (EMA loss, min val bpb, time), seed, model config, the run's flags
+Saves are asynchronous and atomic: orbax writes a temporary directory and renames it when complete,
+so a crash mid-save leaves the previous checkpoints as they were. The last `keep` are kept.
+"""
+import os
+import shutil
+import time
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanochat_jax.common import get_base_dir
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read back."""
+
+
+def checkpoint_dir(stage, tag):
+    return os.path.join(get_base_dir(), f"{stage}_checkpoints", tag)
+
+
+class Checkpointer:
+    def __init__(self, directory, keep=2):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step, state, loader, meta):
+        """Start writing a checkpoint; returns once the arrays are copied off the devices."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state.to_pure_dict()),
+                                  data=grain.checkpoint.CheckpointSave(loader),
+                                  meta=ocp.args.JsonSave(meta))
+        self.manager.save(step, args=args)
+
+    def restore(self, step, abstract_state, loader=None, fallback=False):
+        """(state, meta) of `step` (None: the latest), laid out as abstract_state says (its shardings
+        decide the mesh), and the loader (if given) set to where it was. A checkpoint that cannot be read
+        raises CheckpointError, or with fallback=True is moved aside and the previous one is tried."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have: {sorted(steps)})")
+            steps = [step]
+        if not steps:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        for s in steps:
+            try:
+                return self._restore(s, abstract_state, loader)
+            except Exception as e:  # orbax and tensorstore raise many types for damaged files
+                problem = f"checkpoint step {s} in {self.directory} is unreadable ({type(e).__name__}: {str(e)[:300]})"
+                if not fallback:
+                    raise CheckpointError(problem + "; pass --fallback to resume from the previous good one") from None
+                aside = os.path.join(self.directory, f"corrupt-{s}-{int(time.time())}")
+                shutil.move(os.path.join(self.directory, str(s)), aside)  # so a later save of step s cannot collide
+                self.manager.reload()
+                print(f"WARNING: {problem}; moved it to {aside} and trying the previous checkpoint")
+        raise CheckpointError(f"no readable checkpoint left in {self.directory}")
+
+    def _restore(self, step, abstract_state, loader):
+        target = jax.tree.map(lambda x: x, abstract_state.to_pure_dict())
+        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        if loader is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(loader)
+        args = ocp.args.Composite(**items)
+        restored = self.manager.restore(step, args=args)
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, restored.state)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+            if isinstance(leaf, jax.ShapeDtypeStruct):
+                raise CheckpointError(f"checkpoint step {step} has no value for {jax.tree_util.keystr(path)}")
+        return state, restored.meta
+
+    def read_meta(self, step=None):
+        """The JSON meta of a step (default: the latest), without touching the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoints in {self.directory}")
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()

@@ -1,0 +1,61 @@
+"""
+Evaluate a base checkpoint: bits per byte on the train and val splits, and greedy samples; written
+to the report.
+
+python -m pipelines.base_loss                       # latest checkpoint of tag d20
+python -m pipelines.base_loss --tag d4 --split-tokens 65536
+"""
+import argparse
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from evals.bpb import evaluate_bpb
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.dataloader import make_loader
+from nanochat_jax.engine import sample_completions
+from nanochat_jax.model import GPTConfig
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.report import get_report
+from nanochat_jax.sharding import init_distributed, make_mesh
+from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.train import abstract_train_state, make_eval_step
+
+parser = argparse.ArgumentParser(description="Train/val bpb and samples of a base checkpoint")
+parser.add_argument("--tag", type=str, default="d20", help="run directory under base_checkpoints")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+parser.add_argument("--split-tokens", type=int, default=20 * 524_288, help="tokens evaluated per split")
+parser.add_argument("--device-batch-size", type=int, default=None, help="rows per device (default: the run's)")
+parser.add_argument("--data-dir", type=str, default=None)
+parser.add_argument("--mesh", type=str, default=None)
+args = parser.parse_args()
+
+init_distributed()
+print0 = print if jax.process_index() == 0 else (lambda *a, **k: None)
+on_gpu = jax.default_backend() == "gpu"
+mesh = make_mesh(args.mesh)
+checkpointer = Checkpointer(checkpoint_dir("base", args.tag))
+meta = checkpointer.read_meta(args.step)
+config = GPTConfig(**meta["model_config"])
+T, rows = meta["max_seq_len"], (args.device_batch_size or meta["device_batch_size"]) * jax.local_device_count()
+model_kwargs = dict(dtype=jnp.bfloat16 if on_gpu else jnp.float32, attn_impl="cudnn" if on_gpu else "xla")
+tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
+graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
+state, meta = checkpointer.restore(meta["step"], abstract_state)
+print0(f"base checkpoint {args.tag} step {meta['step']}: depth {config.n_layer}, width {config.n_embd}")
+
+tokenizer = get_tokenizer()
+eval_step = make_eval_step(graphdef)
+results = {}
+for split in ("train", "val"):
+    loader = make_loader(tokenizer, rows, T, split, args.data_dir, process_index=jax.process_index(), process_count=jax.process_count())
+    steps = max(1, args.split_tokens // (rows * T * jax.process_count()))
+    results[f"{split}_bpb"] = evaluate_bpb(eval_step, state, loader, steps, tokenizer.token_bytes, mesh)
+    print0(f"{split} bpb: {results[f'{split}_bpb']:.4f}")
+
+forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)[0](ids))
+samples = sample_completions(lambda ids: forward(state, ids), tokenizer)
+for line in samples:
+    print0(f"  sample: {line!r}")
+get_report().log("Base model loss", [{"tag": args.tag, "step": meta["step"], **results}, "Samples:", *[f"- {s!r}" for s in samples]])
