@@ -69,7 +69,7 @@ if not args.dry_run:
         get_report().reset()  # a fresh run: new header (date, commit, hardware)
 for stage in STAGES:
     cmd = stage_command(stage)
-    if not args.dry_run and done(stage, config):
+    if done(stage, config):
         print(f"\n=== {stage}: already done, skipping (delete its report section to redo it)", flush=True)
         continue
     print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)

@@ -186,4 +186,4 @@ for label, text in all_text:
     cells += [f"{100 * (tokens[b] - tokens['ours']) / tokens[b]:>+10.1f}%" for b in baselines]
     lines.append(f"{label:<10} {num_bytes:>10,} " + " ".join(cells))
 print("\n".join(lines))
-get_report().log("Tokenizer evaluation", [f"vocab size {tokenizers['ours'].get_vocab_size():,}; bytes per token:", "```", *lines, "```"])
+get_report().log("Tokenizer evaluation", [f"vocab size {tokenizers['ours'].get_vocab_size():,}; bytes per token:", "```\n" + "\n".join(lines) + "\n```"])

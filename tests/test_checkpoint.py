@@ -142,3 +142,29 @@ def _tiny_data(tmp_path):
     if not path.is_dir():
         write_shards([f"doc {i}" for i in range(30)], str(path), docs_per_shard=10, num_val_docs=5)
     return str(path)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 0), ("bfloat16", 0.05)])
+def test_export_holds_the_params_the_tokenizer_and_the_config(tmp_path, monkeypatch, dtype, tol):
+    """`python -m nanochat_jax.export` writes params only; loading it gives the trained model's logits."""
+    from flax import nnx
+    from nanochat_jax.checkpoint import checkpoint_dir
+    from nanochat_jax.export import load_export
+    monkeypatch.setenv("NANOCHAT_JAX_HOME", str(tmp_path / "home"))
+    BYTES.save(str(tmp_path / "home" / "tokenizer"))
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    graphdef, state = init_train_state(CONFIG, build_optimizer(CONFIG.n_embd, num_iterations=None), mesh)
+    model, _ = nnx.merge(graphdef, state)
+    ckpt = Checkpointer(checkpoint_dir("base", "exp"))
+    ckpt.save(7, state, make_loader(BYTES, 1, 4, data_dir=_tiny_data(tmp_path)), {"step": 7, "model_config": CONFIG.__dict__})
+    ckpt.wait()
+    out = tmp_path / "export"
+    result = subprocess.run([sys.executable, "-m", "nanochat_jax.export", "--tag", "exp", "--out", str(out), "--dtype", dtype],
+                            cwd=REPO, env=dict(os.environ, NANOCHAT_JAX_HOME=str(tmp_path / "home")), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "params", "tokenizer"]
+    loaded, tokenizer, info = load_export(str(out))
+    assert info["source"] == {"stage": "base", "tag": "exp", "step": 7} and tokenizer.get_vocab_size() == 265
+    assert jax.tree.leaves(nnx.state(loaded, nnx.Param))[0].dtype == jnp.dtype(dtype)
+    x = jnp.arange(32).reshape(2, 16) % 265
+    np.testing.assert_allclose(loaded(x), model(x), atol=tol, rtol=0)

@@ -1,4 +1,5 @@
 """run_speedrun.py: the README's main command."""
+import json
 import os
 import subprocess
 import sys
@@ -14,22 +15,29 @@ def run(*args, home):
 
 
 def test_dry_run_shows_each_stage_with_its_tier_flags(tmp_path):
-    result = run("--tier=d20", "--data-dir", "/data/shards", "--dry-run", home=tmp_path)
+    result = run("--tier=d20", "--dry-run", home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "-m pipelines.tok_train --vocab-size 65536 --max-chars 2000000000 --data-dir /data/shards" in result.stdout
-    assert "-m pipelines.tok_eval --data-dir /data/shards" in result.stdout
+    assert "-m nanochat_jax.dataset --num-shards 240" in result.stdout
+    assert "-m pipelines.tok_train --vocab-size 65536 --max-chars 2000000000" in result.stdout
+    assert "-m pipelines.base_train --tier d20" in result.stdout and "-m pipelines.base_loss --tag d20" in result.stdout
+    result = run("--tier=d20", "--data-dir", "/data/shards", "--dry-run", home=tmp_path)
+    assert "nanochat_jax.dataset" not in result.stdout  # given shards: nothing to download
+    assert "-m pipelines.base_train --tier d20 --data-dir /data/shards" in result.stdout
 
 
 @pytest.mark.slow
-def test_tiny_tier_runs_end_to_end_offline(tmp_path):
-    result = run("--tier=tiny", home=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, monkeypatch):
+    """The README's main command: every stage runs, val bpb clearly falls, the report card is written;
+    run again, every stage is found done and skipped."""
+    monkeypatch.chdir(tmp_path)
+    result = run("--tier=tiny", home=tmp_path / "home")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "all stages done" in result.stdout
-    assert os.path.isfile(tmp_path / "tokenizer" / "tokenizer.json")
-
-
-def test_ci_runs_the_readme_test_command():
-    readme = open(os.path.join(REPO, "README.md")).read()
-    ci = open(os.path.join(REPO, ".ci", "run")).read()
-    command = "pip install -e '.[test]' && python -m pytest"
-    assert f"\n{command}\n" in readme and f"\n{command}\n" in ci
+    rows = [json.loads(line) for line in open(tmp_path / "home" / "base_checkpoints" / "d4" / "metrics.jsonl")]
+    bpb = [r["val_bpb"] for r in rows if "val_bpb" in r]
+    assert bpb[-1] < 0.7 * bpb[0], bpb
+    report = open(tmp_path / "home" / "report" / "report.md").read()
+    for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training", "## Base model loss", "## Summary"):
+        assert section in report
+    again = run("--tier=tiny", home=tmp_path / "home")
+    assert again.returncode == 0 and again.stdout.count("already done, skipping") == 5

@@ -1,0 +1,79 @@
+"""
+Export a training checkpoint for inference: the model params only (no optimizer state), in bf16 or
+fp32, plus the tokenizer files and the model config. The engine and the chat server load exactly this.
+
+python -m nanochat_jax.export --stage base --tag d20 --out /tmp/d20-export
+python -m nanochat_jax.export --stage base --tag d4 --out /tmp/d4 --dtype float32 --step 200
+
+DIR/params/     orbax checkpoint of the params (a plain nested dict)
+DIR/tokenizer/  ranks.tiktoken, tokenizer.json, token_bytes.npy
+DIR/config.json model config, dtype, and where it came from
+"""
+import argparse
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.common import get_base_dir
+from nanochat_jax.model import GPT, GPTConfig
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.sharding import make_mesh
+from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.train import abstract_train_state
+
+
+def export(stage, tag, out, dtype="bfloat16", step=None):
+    checkpointer = Checkpointer(checkpoint_dir(stage, tag))
+    meta = checkpointer.read_meta(step)
+    config = GPTConfig(**meta["model_config"])
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh)
+    state, meta = checkpointer.restore(meta["step"], abstract_state)
+    model, _ = nnx.merge(graphdef, state)
+    params = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param).to_pure_dict())
+
+    tmp = out.rstrip("/") + ".tmp"  # written whole, then renamed: a crash never leaves half an export at `out`
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(os.path.join(os.path.abspath(tmp), "params"), params)
+    shutil.copytree(os.path.join(get_base_dir(), "tokenizer"), os.path.join(tmp, "tokenizer"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump({"model_config": config.__dict__, "dtype": dtype, "source": {"stage": stage, "tag": tag, "step": meta["step"]}}, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def load_export(path, compute_dtype=jnp.float32, attn_impl="xla"):
+    """(model, tokenizer, config dict) from an export directory; params keep their stored dtype."""
+    with open(os.path.join(path, "config.json")) as f:
+        info = json.load(f)
+    config = GPTConfig(**info["model_config"])
+    model = nnx.eval_shape(lambda: GPT(config, dtype=compute_dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, info["dtype"]), nnx.state(model, nnx.Param).to_pure_dict())
+    with ocp.StandardCheckpointer() as loader:
+        params = loader.restore(os.path.join(os.path.abspath(path), "params"), target)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model, Tokenizer.from_directory(os.path.join(path, "tokenizer")), info
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Export a checkpoint for inference")
+    parser.add_argument("--stage", type=str, default="base", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("--tag", type=str, required=True, help="run directory, e.g. d20")
+    parser.add_argument("--step", type=int, default=None, help="default: the latest")
+    parser.add_argument("--out", type=str, required=True, help="output directory")
+    parser.add_argument("--dtype", type=str, default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    print(f"exported to {export(args.stage, args.tag, args.out, args.dtype, args.step)}")
