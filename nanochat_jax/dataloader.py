@@ -18,15 +18,12 @@ import sys
 import grain
 import numpy as np
 
-from nanochat_jax.dataset import default_data_dir, list_parquet_files, open_shard
+from nanochat_jax.dataset import open_shard, split_paths
 
 
 def row_group_units(split, data_dir=None, process_index=0, process_count=1):
     """(shard path, row group) pairs this process reads, in order: row groups r, r+W, ... of each shard."""
-    paths = list_parquet_files(data_dir or default_data_dir())
-    if len(paths) < 2:
-        raise ValueError(f"{data_dir} needs at least 2 shards: the last one is the val split")
-    paths = paths[:-1] if split == "train" else paths[-1:]
+    paths = split_paths(split, data_dir)
     units = [(p, rg) for p in paths for rg in range(process_index, open_shard(p).num_row_groups, process_count)]
     if not units and split == "val":
         # fewer val row groups than processes: each reads them all; bpb (a ratio of sums) is unchanged

@@ -62,15 +62,19 @@ def open_shard(path):
     return pf
 
 
-def parquets_iter_batched(split, data_dir=None, start=0, step=1):
-    """Yield the documents of a split one row group at a time (a list of str), reading row groups
-    start, start+step, ... of every shard: process r of W passes start=r, step=W."""
+def split_paths(split, data_dir=None):
+    """The shards of a split: the last shard is val, all others are train."""
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
     paths = list_parquet_files(data_dir or default_data_dir())
     if len(paths) < 2:
         raise ValueError(f"{os.path.dirname(paths[0])} needs at least 2 shards: the last one is the val split")
-    paths = paths[:-1] if split == "train" else paths[-1:]
-    for path in paths:
+    return paths[:-1] if split == "train" else paths[-1:]
+
+
+def parquets_iter_batched(split, data_dir=None, start=0, step=1):
+    """Yield the documents of a split one row group at a time (a list of str), reading row groups
+    start, start+step, ... of every shard: process r of W passes start=r, step=W."""
+    for path in split_paths(split, data_dir):
         pf = open_shard(path)
         for rg in range(start, pf.num_row_groups, step):
             try:
