@@ -79,7 +79,7 @@ def bench_train(args):
     dt = statistics.median(times)
     tok_per_s = B * T * A / dt
     mfu = flops_per_token * tok_per_s / (PEAK_FLOPS * n_dev)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", 0) / 2**30
     print(f"compile {compile_s:.1f}s | step median {dt * 1000:.1f} ms (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, "
           f"{len(times)} steps) | {tok_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | peak mem {peak:.1f} GiB | last loss {loss:.3f}")

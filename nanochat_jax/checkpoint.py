@@ -68,13 +68,12 @@ class Checkpointer:
         raise CheckpointError(f"no readable checkpoint left in {self.directory}")
 
     def _restore(self, step, abstract_state, loader):
-        target = jax.tree.map(lambda x: x, abstract_state.to_pure_dict())
-        items = dict(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.StandardRestore(abstract_state.to_pure_dict()), meta=ocp.args.JsonRestore())
         if loader is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(loader)
         args = ocp.args.Composite(**items)
         restored = self.manager.restore(step, args=args)
-        state = jax.tree.map(lambda x: x, abstract_state)
+        state = jax.tree.map(lambda x: x, abstract_state)  # a copy: replace_by_pure_dict fills it in place
         nnx.replace_by_pure_dict(state, restored.state)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             if isinstance(leaf, jax.ShapeDtypeStruct):

@@ -1,8 +1,8 @@
 """
 Pretraining batches: parquet row groups -> tokens (<|bos|> before every document) -> rows of T+1
 tokens, inputs and targets shifted by one. Built on grain:
-- a MapDataset of this process's row groups (process r of W reads row groups r, r+W, ... of every
-  shard, as nanochat), repeated over epochs and read ahead by grain's threads; being random access,
+- a MapDataset of this process's row groups (process r of W reads row groups r, r+W, ... of the
+  split, counted across shards), repeated over epochs and read ahead by grain's threads; being random access,
   any row group can be read again, so the packers below restore their buffers from a few indices
 - a packing iterator on top, in one of two modes:
   stream  (nanochat v1) one flat token stream cut into batches of B·T+1 tokens; rows may start mid-document
@@ -22,12 +22,13 @@ from nanochat_jax.dataset import open_shard, split_paths
 
 
 def row_group_units(split, data_dir=None, process_index=0, process_count=1):
-    """(shard path, row group) pairs this process reads, in order: row groups r, r+W, ... of each shard."""
+    """(shard path, row group) pairs this process reads, in order: process r of W takes row groups
+    r, r+W, r+2W, ... of the split's row groups counted across all its shards."""
     paths = split_paths(split, data_dir)
-    units = [(p, rg) for p in paths for rg in range(process_index, open_shard(p).num_row_groups, process_count)]
+    every = [(p, rg) for p in paths for rg in range(open_shard(p).num_row_groups)]
+    units = every[process_index::process_count]  # strided over all row groups, so small shards split evenly too
     if not units and split == "val":
-        # fewer val row groups than processes: each reads them all; bpb (a ratio of sums) is unchanged
-        units = [(p, rg) for p in paths for rg in range(open_shard(p).num_row_groups)]
+        units = every  # fewer val row groups than processes: each reads them all; bpb (a ratio of sums) is unchanged
     if not units:
         raise ValueError(f"process {process_index} of {process_count} gets no row groups of the {split} split: fewer row groups than processes")
     return units

@@ -243,7 +243,7 @@ checkpointer.wait()
 checkpointer.close()
 
 # Summary, report, plot
-print0(f"peak memory: {(jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
+print0(f"peak memory: {(jax.local_devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
 print0(f"total training time: {loop['total_training_time'] / 60:.2f}m | min val bpb: {loop['min_val_bpb']:.4f}")
 if master and step == num_iterations:
     report = get_report()

@@ -88,7 +88,7 @@ def test_state_round_trips_through_orbax(tmp_path):
 
 
 def test_processes_read_disjoint_row_groups_covering_everything(tmp_path):
-    """With 2 processes, process r reads row groups r, r+2, ... of every train shard: disjoint, and together all."""
+    """With 2 processes, process r reads row groups r, r+2, ... of the train split: disjoint, and together all."""
     docs = [f"doc{i:04d}" for i in range(5000)]
     data = corpus(tmp_path, docs, docs_per_shard=2048, num_val=100)  # shards of 2, 2 and 1 row groups
     units = [row_group_units("train", data, process_index=r, process_count=2) for r in range(2)]

@@ -34,7 +34,7 @@ def worker_env(local_devices, **distributed):
     return env
 
 
-def run_all(commands):
+def run_all(commands, json_result=True):
     """Start every (name, argv, env) at once; wait for all of them; kill the rest as soon as one fails
     or time runs out, so a worker blocked in a collective on a dead peer never hangs the test."""
     procs = {name: subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -60,6 +60,8 @@ def run_all(commands):
     if failure or failed:
         tails = "\n".join(f"--- {n} (status {procs[n].returncode}) ---\n{outputs[n][-3000:]}" for n in procs)
         pytest.fail(f"multi-process run failed: {failure or f'{failed} exited non-zero'}\n{tails}")
+    if not json_result:
+        return outputs
     results = {}
     for name, out in outputs.items():
         lines = [line for line in out.splitlines() if line.startswith("{")]  # shutdown may log after the result
@@ -93,3 +95,24 @@ def test_two_processes_train_like_one(mesh_spec, layout):
     assert p0["losses"] == p1["losses"] and p0["param_norm"] == p1["param_norm"]
     np.testing.assert_allclose(p0["losses"], ref["losses"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(p0["param_norm"], ref["param_norm"], rtol=1e-6)
+
+
+def test_base_train_command_runs_as_two_processes(tmp_path):
+    """The pretraining stage itself, launched as README says: 2 processes x 1 CPU device, one mesh,
+    each reading its own row groups; it trains, evaluates, samples and saves checkpoints."""
+    from nanochat_jax.dataset import write_shards
+    from nanochat_jax.tokenizer import Tokenizer
+    Tokenizer([bytes([b]) for b in range(256)]).save(str(tmp_path / "tokenizer"))  # bytes: no training needed
+    data = write_shards([f"the text of document {i}. " * 30 for i in range(3000)], str(tmp_path / "data"), docs_per_shard=1024, num_val_docs=200)
+    port = free_port()
+    argv = [sys.executable, "-m", "pipelines.base_train", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
+            "--total-batch-size", "512", "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "1024",
+            "--sample-every", "-1", "--save-every", "3", "--tag", "mp", "--data-dir", data]
+    repo = os.path.dirname(os.path.dirname(WORKER))
+    commands = [(f"process {i}", argv, {**worker_env(1, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}"),
+                                         "NANOCHAT_JAX_HOME": str(tmp_path), "PYTHONPATH": repo}) for i in range(2)]
+    outputs = run_all(commands, json_result=False)
+    assert "(2 processes)" in outputs["process 0"] and "step 00006 | val bpb" in outputs["process 0"]
+    rows = [json.loads(line) for line in open(tmp_path / "base_checkpoints" / "mp" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(7)) and rows[-1]["val_bpb"] < rows[0]["val_bpb"]
+    assert sorted(os.listdir(tmp_path / "base_checkpoints" / "mp")) == ["3", "6", "metrics.jsonl"]
