@@ -77,7 +77,9 @@ def make_train_step(graphdef, state):
         grad_sum, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
         grads = jax.tree.map(lambda g: g / inputs.shape[0], grad_sum)  # mean over micro-batches
         optimizer.update(model, grads)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+        new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in new_params]))  # one cheap pass: never save NaN params
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "params_finite": finite}
         return nnx.state((model, optimizer)), metrics
 
     return train_step

@@ -212,9 +212,10 @@ while True:
     state, metrics = train_step(state, x, y)
     loss = float(metrics["loss"])  # syncs: the log line and the NaN check need it
     dt = time.time() - t0
-    if not math.isfinite(loss):
+    if not math.isfinite(loss) or not bool(metrics["params_finite"]):
         checkpointer.wait()
-        sys.exit(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is kept in {run_dir}")
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "the update made some parameters NaN or inf"
+        sys.exit(f"step {step}: {what}; stopping without saving. The last good checkpoint is kept in {run_dir}")
     # -------------------------------------------------------------------
 
     if step > first_step + 10:

@@ -73,6 +73,20 @@ def test_run_killed_after_a_save_resumes_bit_for_bit(home):
     assert b[-1]["val_bpb"] == a[-1]["val_bpb"]
 
 
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(home):
+    """Resume with an infinite Muon lr: the first update makes the params inf, the run stops with a clear
+    message, and the checkpoint it resumed from is untouched (no new one is written)."""
+    good = base_train(home, "--tag", "nan", "--num-iterations", "10")
+    assert good.wait(timeout=600) == 0, good.stdout.read()
+    ckpt = home / "base_checkpoints" / "nan"
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    bad = base_train(home, "--tag", "nan", "--num-iterations", "20", "--resume", "--matrix-lr", "inf")
+    out = bad.communicate(timeout=600)[0]
+    assert bad.returncode == 1 and "step 10: the update made some parameters NaN or inf; stopping without saving" in out, out
+    after = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    assert after == before and sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["10", "5"]
+
+
 def train_steps(step, state, loader, mesh, n):
     losses = []
     for _ in range(n):
