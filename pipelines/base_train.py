@@ -228,7 +228,9 @@ while True:
     lrm = lr_multiplier(step, num_iterations, **schedule)
     elapsed = time.time() - t_start
     eta = elapsed / (step + 1 - first_step) * (num_iterations - step - 1)
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
+    filled = int(30 * (step + 1) / num_iterations)
+    bar = f"[{'#' * filled}{'.' * (30 - filled)}] " if sys.stdout.isatty() else ""  # only for a person watching
+    print0(f"{bar}step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
            f"dt {dt * 1000:.1f}ms | tok/sec {tok_per_sec:,.0f} | mfu {100 * mfu:.2f} | elapsed {elapsed / 60:.1f}m | eta {eta / 60:.1f}m")
     row = {"step": step, "loss": loss, "lrm": lrm, "momentum": muon_momentum(step), "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu}
     if evaluated:
