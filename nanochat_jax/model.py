@@ -134,15 +134,26 @@ class CausalSelfAttention(nnx.Module):
         self.c_v = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs)
         self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs)
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, cache=None):
+        """cache: None (training: causal over x), or (k, v, pos) with k, v (B, S, K, Dh) holding each row's
+        first pos[b] tokens; x is then written at pos[b].. and attends to everything up to itself."""
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
-        q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
-        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim))
+        if cache is None:
+            q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
+            return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), None
+        k_cache, v_cache, pos = cache
+        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), p, axis=0))
+        k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)  # (B, S, K, Dh)
+        S = k_cache.shape[1]
+        # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
+        mask = jnp.arange(S)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, S)
+        y = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[:, None], implementation="xla")
+        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -160,10 +171,11 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(norm(x), cos, sin)
+    def __call__(self, x, cos, sin, cache=None):
+        y, cache = self.attn(norm(x), cos, sin, cache)
+        x = x + y
         x = x + self.mlp(norm(x))
-        return constrain(x, "batch", None, None)
+        return constrain(x, "batch", None, None), cache
 
 
 class GPT(nnx.Module):
@@ -186,8 +198,23 @@ class GPT(nnx.Module):
         x = norm(self.wte.embedding[...][idx].astype(self.dtype))  # (B, T, D)
         x = constrain(x, "batch", None, None)
         for block in self.blocks:
-            x = nnx.remat(lambda blk, x: blk(x, cos, sin))(block, x) if self.remat else block(x, cos, sin)
+            x = nnx.remat(lambda blk, x: blk(x, cos, sin)[0])(block, x) if self.remat else block(x, cos, sin)[0]
         return norm(x)
+
+    def decode(self, idx, k_cache, v_cache, pos):
+        """Run idx (B, T) at positions pos[b].. against a KV cache (L, B, S, K, Dh) each; returns the fp32
+        logits (B, T, V) and the updated caches. One path for prefill (T > 1) and decoding (T = 1)."""
+        B, T = idx.shape
+        cos, sin = rotary_tables(pos[:, None] + jnp.arange(T)[None, :], self.config.head_dim)  # (B, T, Dh/2), offset per row
+        x = norm(self.wte.embedding[...][idx].astype(self.dtype))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            x, (k, v) = block(x, cos, sin, (k_cache[i], v_cache[i], pos))
+            new_k.append(k)
+            new_v.append(v)
+        h = norm(x)
+        logits = softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
+        return logits, jnp.stack(new_k), jnp.stack(new_v)
 
     def __call__(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, V) in fp32 without targets; with targets (-1 = ignore), the mean loss or,
