@@ -9,6 +9,7 @@ train: the full step (fwd, bwd, Muon + AdamW) at nanochat's shapes; prints compi
 step time, tokens/s, MFU against 989 TF/s per GPU (H100 bf16 dense, as nanochat) and peak memory.
 On GPU it first checks that cuDNN and XLA attention agree.
 data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for each thread count.
+decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size.
 """
 import argparse
 import os
@@ -101,6 +102,34 @@ def bench_data(args):
         print(f"threads {threads}: {args.batches * args.batch_size * args.seq_len / dt:,.0f} tokens/s ({dt / args.batches * 1000:.1f} ms/batch)")
 
 
+def bench_decode(args):
+    """Time to first token, per-step latency, tokens/s and MBU of the KV-cache engine (random weights)."""
+    from flax import nnx
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.model import GPT
+    from nanochat_jax.tokenizer import Tokenizer
+    on_gpu = jax.default_backend() == "gpu"
+    config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32
+    model = GPT(config, dtype=dtype, rngs=nnx.Rngs(0))
+    engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.state))
+    kv_bytes_per_token = config.n_layer * 2 * config.n_kv_head * config.head_dim * jnp.dtype(engine.cache_dtype).itemsize
+    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {param_bytes / 1e9:.2f} GB of weights, prompt {args.prompt_len}, "
+          f"{args.steps} steps, peak bandwidth {args.peak_bw / 1e12:.2f} TB/s")
+    prompt = list(np.random.default_rng(0).integers(0, 256, args.prompt_len))
+    for B in map(int, args.batch_sizes.split(",")):
+        for _ in range(2):  # the first pass compiles
+            t0 = time.perf_counter()
+            stamps = []
+            for _column in engine.generate(prompt, num_samples=B, max_tokens=args.steps, temperature=1.0, seed=0):
+                stamps.append(time.perf_counter())  # each yield has synced on its tokens
+        ttft, step = stamps[0] - t0, statistics.median(np.diff(stamps))
+        context = args.prompt_len + args.steps / 2  # mean tokens in the cache while decoding
+        mbu = (param_bytes + B * context * kv_bytes_per_token) / step / args.peak_bw
+        print(f"batch {B:4d} | TTFT {ttft * 1000:7.1f} ms | step {step * 1000:6.2f} ms | {B / step:10,.0f} tok/s | MBU {100 * mbu:5.1f}%")
+
+
 parser = argparse.ArgumentParser(description="nanochat_jax benchmarks")
 sub = parser.add_subparsers(dest="what", required=True)
 p = sub.add_parser("train", help="full train step at a given depth")
@@ -125,6 +154,15 @@ p.add_argument("--mode", type=str, default="stream", choices=["stream", "bestfit
 p.add_argument("--batches", type=int, default=30, help="timed batches")
 p.add_argument("--warmup", type=int, default=3)
 
+p = sub.add_parser("decode", help="KV-cache engine decoding")
+p.add_argument("--depth", type=int, default=20)
+p.add_argument("--batch-sizes", type=str, default="1,8,32,128", help="samples decoded together")
+p.add_argument("--prompt-len", type=int, default=128)
+p.add_argument("--steps", type=int, default=128, help="tokens generated per sample")
+p.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
+p.add_argument("--vocab-size", type=int, default=65536)
+p.add_argument("--peak-bw", type=float, default=3.35e12, help="bytes/s for MBU (H100 SXM HBM3: 3.35 TB/s)")
+
 if __name__ == "__main__":
     args = parser.parse_args()
-    {"train": bench_train, "data": bench_data}[args.what](args)
+    {"train": bench_train, "data": bench_data, "decode": bench_decode}[args.what](args)

@@ -74,7 +74,9 @@ class Engine:
     compiles; the cache is donated to each step, so it is updated in place."""
 
     def __init__(self, model, tokenizer, max_len=None, cache_dtype=None):
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # weights in the compute dtype: decoding is bound by reading them, so bf16 halves the bytes on GPU
+        self.state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
         self.tokenizer, self.config = tokenizer, model.config
         self.max_len = max_len or model.config.sequence_len
         self.cache_dtype = cache_dtype or model.dtype  # bf16 on GPU, fp32 on CPU

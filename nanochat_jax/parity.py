@@ -103,20 +103,13 @@ def check_forward(data, meta, mesh, report):
     report.check("loss_per_token max abs", np.abs(np.asarray(per_token)[:B] - data["loss_per_token"]).max(), TOL["loss_per_token max abs"])
 
 
-def placeholder_tokenizer(vocab_size):
-    """A tokenizer whose 9 special tokens take the last 9 ids of vocab_size, as in the golden files; the
-    ranks are byte pairs that stand in for the unknown real ones (generation only needs the special ids)."""
-    pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
-    return Tokenizer([bytes([b]) for b in range(256)] + pairs[:vocab_size - 9 - 256])
-
-
 def check_generate(data, meta, report):
     model = build_model(meta, tensors(data, "w/"))
     V = meta["config"]["vocab_size"]
     stop_ids = {V - 9, V - 5}  # <|bos|> and <|assistant_end|>: specials are the last 9 ids
     prompt, n = data["prompt"].tolist(), len(data["generated"])
     naive = greedy_naive(model, [prompt], n, stop_ids)[0]
-    engine = Engine(model, placeholder_tokenizer(V)).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
+    engine = Engine(model, Tokenizer.placeholder(V)).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
     report.equal("generated (naive greedy)", np.array(naive, np.int32), data["generated"])
     report.equal("generated (KV-cache engine)", np.array(engine, np.int32), data["generated"])
     report.equal("reference naive == engine", data["naive"], data["generated"])

@@ -88,6 +88,13 @@ class Tokenizer:
         assert [r for _, r in pairs] == list(range(len(pairs))), "rust_bpe returned non-contiguous ranks"
         return cls([bytes(b) for b, _ in pairs], bpe.get_pattern())
 
+    @classmethod
+    def placeholder(cls, vocab_size):
+        """For weights that come without their tokenizer (golden files, benchmarks): the 9 specials take the
+        last 9 ids of vocab_size, and byte pairs stand in for the unknown merges."""
+        pairs = [bytes([a, b]) for a in range(256) for b in range(256)]
+        return cls([bytes([b]) for b in range(256)] + pairs[:vocab_size - len(SPECIAL_TOKENS) - 256])
+
     # -----------------------------------------------------------------------------
     # save / load: plain text + JSON + npy, validated on load
 
