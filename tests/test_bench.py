@@ -27,3 +27,8 @@ def test_data_benchmark_prints_tokens_per_second(tmp_path):
     out = bench("data", "--data-dir", str(tmp_path / "data"), "--tokenizer-dir", str(tmp_path / "tok"), "--threads", "1,2",
                 "--batch-size", "4", "--seq-len", "128", "--batches", "20")
     assert re.search(r"threads 1: [\d,]+ tokens/s", out) and re.search(r"threads 2: [\d,]+ tokens/s", out), out
+
+
+def test_decode_benchmark_prints_latency_and_mbu():
+    out = bench("decode", "--depth", "2", "--batch-sizes", "1,2", "--prompt-len", "8", "--steps", "4", "--max-len", "32", "--vocab-size", "512")
+    assert re.search(r"batch    2 \| TTFT +[\d.]+ ms \| step +[\d.]+ ms \| +[\d,]+ tok/s \| MBU", out), out
