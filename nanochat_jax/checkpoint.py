@@ -38,7 +38,7 @@ class Checkpointer:
 
     def save(self, step, state, loader, meta):
         """Start writing a checkpoint; returns once the arrays are copied off the devices."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state.to_pure_dict()),
+        args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
                                   data=grain.checkpoint.CheckpointSave(loader),
                                   meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args)
@@ -68,7 +68,7 @@ class Checkpointer:
         raise CheckpointError(f"no readable checkpoint left in {self.directory}")
 
     def _restore(self, step, abstract_state, loader):
-        items = dict(state=ocp.args.StandardRestore(abstract_state.to_pure_dict()), meta=ocp.args.JsonRestore())
+        items = dict(state=ocp.args.StandardRestore(nnx.to_pure_dict(abstract_state)), meta=ocp.args.JsonRestore())
         if loader is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(loader)
         args = ocp.args.Composite(**items)

@@ -37,7 +37,7 @@ def export(stage, tag, out, dtype="bfloat16", step=None):
     graphdef, abstract_state = abstract_train_state(config, tx, mesh)
     state, meta = checkpointer.restore(meta["step"], abstract_state)
     model, _ = nnx.merge(graphdef, state)
-    params = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param).to_pure_dict())
+    params = jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     tmp = out.rstrip("/") + ".tmp"  # written whole, then renamed: a crash never leaves half an export at `out`
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,7 +59,7 @@ def load_export(path, compute_dtype=jnp.float32, attn_impl="xla"):
         info = json.load(f)
     config = GPTConfig(**info["model_config"])
     model = nnx.eval_shape(lambda: GPT(config, dtype=compute_dtype, attn_impl=attn_impl, rngs=nnx.Rngs(0)))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, info["dtype"]), nnx.state(model, nnx.Param).to_pure_dict())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, info["dtype"]), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ocp.StandardCheckpointer() as loader:
         params = loader.restore(os.path.join(os.path.abspath(path), "params"), target)
     state = nnx.state(model, nnx.Param)
