@@ -6,7 +6,6 @@ depend on the tokenizer. Σ nats(t)·[bytes(target_t) > 0] / (ln 2 · Σ bytes(t
 import math
 
 import jax.numpy as jnp
-import numpy as np
 
 from nanochat_jax.sharding import global_batch
 
@@ -27,7 +26,3 @@ def evaluate_bpb(eval_step, state, loader, steps, token_bytes, mesh):
         total_nats += float(jnp.sum(jnp.where(nbytes > 0, nats, 0.0)))  # syncs: fine, evals are rare
         total_bytes += int(jnp.sum(nbytes))
     return total_nats / (math.log(2) * total_bytes) if total_bytes else float("inf")
-
-
-def bytes_of(tokenizer):
-    return np.asarray(tokenizer.token_bytes, np.int32)
