@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nanochat_jax.model import config_for_depth  # noqa: E402
+from nanochat_jax.model import backend_settings, config_for_depth  # noqa: E402
 from nanochat_jax.optim import build_optimizer  # noqa: E402
 from nanochat_jax.sharding import global_batch, make_mesh  # noqa: E402
 from nanochat_jax.train import init_train_state, make_train_step  # noqa: E402
@@ -48,8 +48,7 @@ def bench_train(args):
     n_dev = jax.device_count()
     B, T, A = args.device_batch_size * n_dev, args.seq_len, args.grad_accum
     tx = build_optimizer(config.n_embd, num_iterations=1000)
-    dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    attn_impl = args.attn or ("cudnn" if on_gpu else "xla")
+    dtype, attn_impl = backend_settings()["dtype"], args.attn or backend_settings()["attn_impl"]
     print(f"{jax.devices()[0].device_kind} x{n_dev}, jax {jax.__version__}, mesh {dict(mesh.shape)}")
     if on_gpu:
         print(f"attention check: max |cudnn - xla| = {attention_agreement():.4f} (bf16)")
@@ -108,10 +107,8 @@ def bench_decode(args):
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import Tokenizer
-    on_gpu = jax.default_backend() == "gpu"
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
-    dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    model = GPT(config, dtype=dtype, rngs=nnx.Rngs(0))
+    model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.state))
     kv_bytes_per_token = config.n_layer * 2 * config.n_kv_head * config.head_dim * jnp.dtype(engine.cache_dtype).itemsize

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanochat_jax.calculator import calculate
+
 # nanochat's fixed prompts for the greedy samples printed during and after pretraining
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
@@ -103,7 +105,6 @@ class Engine:
         """Stream (token column, mask column) per step, one entry per sample. mask 0 marks tokens the
         calculator tool forced into the stream. A sample ends at <|assistant_end|> or <|bos|> (still
         yielded), after max_tokens, or when the cache is full."""
-        from nanochat_jax.calculator import calculate
         P = len(tokens)
         if not 0 < P < self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit the KV cache of {self.max_len} positions (at least one must stay free)")

@@ -50,6 +50,12 @@ def config_for_depth(depth, vocab_size=65536, sequence_len=2048, n_kv_head=None)
                      n_head=n_head, n_kv_head=n_kv_head or n_head, n_embd=n_embd)
 
 
+def backend_settings():
+    """Compute dtype and attention kernel for the default backend: bf16 + cuDNN on GPU, fp32 + XLA elsewhere."""
+    on_gpu = jax.default_backend() == "gpu"
+    return dict(dtype=jnp.bfloat16 if on_gpu else jnp.float32, attn_impl="cudnn" if on_gpu else "xla")
+
+
 # -----------------------------------------------------------------------------
 # Pure helpers
 

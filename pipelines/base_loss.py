@@ -8,14 +8,13 @@ python -m pipelines.base_loss --tag d4 --split-tokens 65536
 import argparse
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
-from nanochat_jax.model import GPTConfig
+from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.report import get_report
 from nanochat_jax.sharding import init_distributed, make_mesh
@@ -33,13 +32,12 @@ args = parser.parse_args()
 
 init_distributed()
 print0 = print if jax.process_index() == 0 else (lambda *a, **k: None)
-on_gpu = jax.default_backend() == "gpu"
 mesh = make_mesh(args.mesh)
 checkpointer = Checkpointer(checkpoint_dir("base", args.tag))
 meta = checkpointer.read_meta(args.step)
 config = GPTConfig(**meta["model_config"])
 T, rows = meta["max_seq_len"], (args.device_batch_size or meta["device_batch_size"]) * jax.local_device_count()
-model_kwargs = dict(dtype=jnp.bfloat16 if on_gpu else jnp.float32, attn_impl="cudnn" if on_gpu else "xla")
+model_kwargs = backend_settings()
 tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
 graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
 state, meta = checkpointer.restore(meta["step"], abstract_state)

@@ -15,7 +15,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -23,7 +22,7 @@ from evals.bpb import evaluate_bpb
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
-from nanochat_jax.model import GPT, config_for_depth
+from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
@@ -115,7 +114,7 @@ print0(f"tokens per step {args.total_batch_size:,} = {args.device_batch_size} x 
 # -----------------------------------------------------------------------------
 # Model, horizon, optimizer, data
 
-model_kwargs = dict(dtype=jnp.bfloat16 if on_gpu else jnp.float32, attn_impl="cudnn" if on_gpu else "xla", remat=args.remat)
+model_kwargs = dict(backend_settings(), remat=args.remat)
 abstract_model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))  # shapes only, for the counts
 num_params, flops_per_token = abstract_model.num_params(), abstract_model.estimate_flops()
 if args.num_iterations > 0:
