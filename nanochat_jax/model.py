@@ -141,8 +141,9 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs)
 
     def __call__(self, x, cos, sin, cache=None):
-        """cache: None (training: causal over x), or (k, v, pos) with k, v (B, S, K, Dh) holding each row's
-        first pos[b] tokens; x is then written at pos[b].. and attends to everything up to itself."""
+        """cache: None (training: causal over x), or (k, v, pos, layer, window): k and v (L, B, S, K, Dh)
+        hold each row's first pos[b] tokens; x is written at pos[b].. of this layer and attends to everything
+        up to itself, which must lie within the first `window` positions."""
         B, T, _ = x.shape
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
@@ -152,13 +153,15 @@ class CausalSelfAttention(nnx.Module):
             q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
             return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), None
-        k_cache, v_cache, pos = cache
-        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), p, axis=0))
-        k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)  # (B, S, K, Dh)
-        S = k_cache.shape[1]
+        k_cache, v_cache, pos, layer, window = cache  # caches (L, B, S, K, Dh) for all layers, updated in place
+        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
+                         in_axes=(1, 0, 0), out_axes=1)
+        k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)  # row b's tokens land at pos[b]..
+        # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
+        keys, values = k_cache[layer, :, :window].astype(q.dtype), v_cache[layer, :, :window].astype(q.dtype)  # (B, W, K, Dh)
         # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
-        mask = jnp.arange(S)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, S)
-        y = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask[:, None], implementation="xla")
+        mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), (k_cache, v_cache)
 
 
@@ -207,27 +210,28 @@ class GPT(nnx.Module):
             x = nnx.remat(lambda blk, x: blk(x, cos, sin)[0])(block, x) if self.remat else block(x, cos, sin)[0]
         return norm(x)
 
-    def decode(self, idx, k_cache, v_cache, pos):
-        """Run idx (B, T) at positions pos[b].. against a KV cache (L, B, S, K, Dh) each; returns the fp32
-        logits (B, T, V) and the updated caches. One path for prefill (T > 1) and decoding (T = 1)."""
+    def decode(self, idx, k_cache, v_cache, pos, window=None):
+        """Run idx (B, T) at positions pos[b].. against KV caches (L, B, S, K, Dh); returns the final normed
+        hidden states (B, T, D) and the updated caches. One path for prefill (T > 1) and decoding (T = 1).
+        window (static): attend over the first `window` cache positions, which must cover pos[b] + T."""
         B, T = idx.shape
+        window = window or k_cache.shape[2]
         cos, sin = rotary_tables(pos[:, None] + jnp.arange(T)[None, :], self.config.head_dim)  # (B, T, Dh/2), offset per row
         x = norm(self.wte.embedding[...][idx].astype(self.dtype))
-        new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
-            x, (k, v) = block(x, cos, sin, (k_cache[i], v_cache[i], pos))
-            new_k.append(k)
-            new_v.append(v)
-        h = norm(x)
-        logits = softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
-        return logits, jnp.stack(new_k), jnp.stack(new_v)
+            x, (k_cache, v_cache) = block(x, cos, sin, (k_cache, v_cache, pos, i, window))
+        return norm(x), k_cache, v_cache
+
+    def logits(self, h):
+        """Softcapped fp32 logits (..., V) of final hidden states (..., D)."""
+        return softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
 
     def __call__(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, V) in fp32 without targets; with targets (-1 = ignore), the mean loss or,
         with loss_reduction='none', the per-token loss (B, T)."""
         h = self.features(idx)
         if targets is None:
-            return softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
+            return self.logits(h)
         B, T, D = h.shape
         losses = cross_entropy(h.reshape(B * T, D), self.lm_head.kernel[...], targets.reshape(B * T))
         if loss_reduction == "none":

@@ -1,8 +1,10 @@
-"""The KV-cache engine against the naive full-recompute loop, plus sampling behaviour and cache limits.
-A tiny model with random weights (every weight non-zero) and a byte-level tokenizer."""
+"""The KV-cache engine against the naive full-recompute loop, the device loop against the host loop,
+sampling behaviour, cache limits and the calculator tool. A tiny model with random weights (every weight
+non-zero) and a byte-level tokenizer; for the tool, a tiny model trained to write one calculator call."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -39,16 +41,46 @@ def test_greedy_engine_equals_naive_recompute(model, engine):
 
 
 def test_prefill_then_decode_equals_one_forward(model):
-    """Cached logits at every position equal the full forward's, also when rows sit at different positions."""
+    """Cached logits at every position equal the full forward's, whatever the attention window."""
     x = jnp.asarray([PROMPT + [65, 66, 67]], jnp.int32)  # (1, 15)
     full = model(x)
+    decode = jax.jit(model.decode, static_argnames="window")
     c = CONFIG
     k = v = jnp.zeros((c.n_layer, 1, c.sequence_len, c.n_kv_head, c.head_dim))
-    logits, k, v = model.decode(x[:, :12], k, v, jnp.array([0]))
-    np.testing.assert_allclose(logits, full[:, :12], atol=1e-5)
-    for t in range(12, 15):
-        step_logits, k, v = model.decode(x[:, t:t + 1], k, v, jnp.array([t]))
-        np.testing.assert_allclose(step_logits[:, 0], full[:, t], atol=1e-5)
+    h, k, v = decode(x[:, :12], k, v, jnp.array([0]), window=16)
+    np.testing.assert_allclose(model.logits(h), full[:, :12], atol=1e-5)
+    for t, window in zip(range(12, 15), (16, 32, 64)):
+        h, k, v = decode(x[:, t:t + 1], k, v, jnp.array([t]), window=window)
+        np.testing.assert_allclose(model.logits(h[:, 0]), full[:, t], atol=1e-5)
+
+
+def test_rows_at_different_positions_share_a_batch(model):
+    """Two prompts of different lengths decoded together match each decoded alone."""
+    c = CONFIG
+    a, b = PROMPT, PROMPT[:5]
+    zeros = lambda B: jnp.zeros((c.n_layer, B, c.sequence_len, c.n_kv_head, c.head_dim))
+    k, v = zeros(2), zeros(2)
+    padded = jnp.asarray([a, b + [0] * (len(a) - len(b))], jnp.int32)
+    decode = jax.jit(model.decode)
+    _, k, v = decode(padded, k, v, jnp.array([0, 0]))
+    # next token of each row at its own position; b's padding in the cache is overwritten or masked
+    h, _, _ = decode(jnp.asarray([[70], [71]], jnp.int32), k, v, jnp.array([len(a), len(b)]))
+    alone = [model(jnp.asarray([seq + [t]], jnp.int32))[0, -1] for seq, t in ((a, 70), (b, 71))]
+    np.testing.assert_allclose(model.logits(h[:, 0]), jnp.stack(alone), atol=1e-5)
+
+
+def test_device_loop_equals_host_loop(engine):
+    """generate_batch (lax.while_loop on the device) yields exactly the streamed tokens of generate()."""
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, top_p=0.9, seed=3), dict(temperature=0.8, seed=5)):
+        streamed = [[] for _ in range(4)]
+        for column, _ in engine.generate(PROMPT, num_samples=4, max_tokens=20, **kwargs):
+            for i, t in enumerate(column):
+                if not streamed[i] or streamed[i][-1] not in engine.stop_ids:
+                    streamed[i].append(t)
+        streamed = [[t for t in s if t not in engine.stop_ids] for s in streamed]
+        results, masks = engine.generate_batch(PROMPT, num_samples=4, max_tokens=20, **kwargs)
+        assert results == streamed, kwargs
+        assert all(m == [1] * len(r) for r, m in zip(results, masks))
 
 
 def test_seeded_sampling_is_reproducible_and_samples_differ(engine):
@@ -74,3 +106,69 @@ def test_full_cache_stops_instead_of_overwriting(engine):
     assert len(steps) == 64 - 60 + 1  # positions 60..63 fill the cache; the last token is never fed back
     with pytest.raises(ValueError, match="does not fit the KV cache of 64 positions"):
         next(engine.generate([256] * 64, max_tokens=5))
+
+
+def test_top_p_keeps_the_smallest_set_with_enough_mass():
+    """Nucleus and top-k on a known distribution: only allowed tokens ever come out."""
+    from nanochat_jax.engine import row_keys, sample_next
+    probs = jnp.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.tile(jnp.log(probs), (2000, 1))
+    rows = jnp.arange(2000)
+    keys = row_keys(jnp.zeros(2000, jnp.int32), rows, jnp.zeros(2000, jnp.int32))
+    knobs = lambda t, k, p: (jnp.full(2000, t), jnp.full(2000, k, jnp.int32), jnp.full(2000, p))
+    for top_k, top_p, allowed in ((0, 0.7, {0, 1}), (0, 0.85, {0, 1, 2}), (2, 1.0, {0, 1}), (0, 1.0, {0, 1, 2, 3})):
+        tokens = set(np.asarray(sample_next(logits, keys, *knobs(1.0, top_k, top_p))).tolist())
+        assert tokens == allowed, (top_k, top_p)
+    # a larger k than the fast path handles still samples from the full sorted list
+    wide = jnp.tile(jnp.log(jnp.full(512, 1 / 512)), (64, 1))
+    tokens = sample_next(wide, keys[:64], jnp.ones(64), jnp.full(64, 300, jnp.int32), jnp.ones(64))
+    assert int(tokens.max()) < 512 and len(set(np.asarray(tokens).tolist())) > 32
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool, with a model that has learned to call it
+
+S = {name: BYTES.encode_special(name) for name in ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>",
+                                                  "<|assistant_end|>", "<|python_start|>", "<|python_end|>",
+                                                  "<|output_start|>", "<|output_end|>")}
+TOOL_PROMPT = [S["<|bos|>"], S["<|user_start|>"], *b"6 x 7?", S["<|user_end|>"], S["<|assistant_start|>"]]
+# the trained reply writes the wrong tool output, 99: the engine must force the calculator's 42 instead
+TOOL_REPLY = [*b"ok ", S["<|python_start|>"], *b"6*7", S["<|python_end|>"], S["<|output_start|>"], *b"99",
+              S["<|output_end|>"], *b" done", S["<|assistant_end|>"]]
+
+
+@pytest.fixture(scope="module")
+def tool_engine():
+    model = GPT(CONFIG, rngs=nnx.Rngs(0))
+    seq = jnp.asarray([TOOL_PROMPT + TOOL_REPLY], jnp.int32)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(seq[:, :-1], seq[:, 1:]))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(300):
+        loss = train_step(model, optimizer)
+    assert float(loss) < 0.01  # it has memorised the reply
+    return Engine(model, BYTES)
+
+
+def test_calculator_result_is_forced_into_the_stream(tool_engine):
+    expected = [*b"ok ", S["<|python_start|>"], *b"6*7", S["<|python_end|>"], S["<|output_start|>"], *b"42", S["<|output_end|>"]]
+    streamed = [column[0] for column, _ in tool_engine.generate(TOOL_PROMPT, max_tokens=len(expected), temperature=0.0)]
+    assert streamed == expected
+    results, masks = tool_engine.generate_batch(TOOL_PROMPT, num_samples=2, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0)
+    assert results[0] == results[1] and results[0][:len(expected)] == expected
+    forced = [i for i, m in enumerate(masks[0]) if m == 0]
+    assert forced == list(range(len(expected) - 4, len(expected)))  # <|output_start|> 4 2 <|output_end|>, none sampled
+    host, _ = zip(*tool_engine.generate(TOOL_PROMPT, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0))
+    assert [c[0] for c in host][:len(results[0])] == results[0]  # device loop and host loop agree after the call
+
+
+def test_a_failed_calculation_forces_nothing(tool_engine):
+    """An expression the calculator refuses (here a cut-off one) leaves the stream to the model."""
+    prompt = TOOL_PROMPT + [*b"ok ", S["<|python_start|>"], *b"6*"]
+    results, masks = tool_engine.generate_batch(prompt, max_tokens=3, temperature=0.0)
+    assert all(m == 1 for m in masks[0])
