@@ -8,6 +8,9 @@ python -m nanochat_jax.export --stage base --tag d4 --out /tmp/d4 --dtype float3
 DIR/params/     orbax checkpoint of the params (a plain nested dict)
 DIR/tokenizer/  ranks.tiktoken, tokenizer.json, token_bytes.npy
 DIR/config.json model config, dtype, and where it came from
+
+load_model() is what the chat CLI and server call: an export directory, or a training checkpoint by
+stage/tag/step (default: the most-trained stage that exists, and its most recent run).
 """
 import argparse
 import json
@@ -21,22 +24,50 @@ from flax import nnx
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import get_base_dir
-from nanochat_jax.model import GPT, GPTConfig
+from nanochat_jax.model import GPT, GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 from nanochat_jax.train import abstract_train_state
 
 
-def export(stage, tag, out, dtype="bfloat16", step=None):
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def find_run(stage=None, tag=None):
+    """(stage, tag) of a training run: the latest stage that has checkpoints unless given, and its most
+    recently written run unless given."""
+    for s in ([stage] if stage else reversed(STAGES)):
+        root = os.path.join(get_base_dir(), f"{s}_checkpoints")
+        tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+        if tag is not None:
+            if tag in tags:
+                return s, tag
+            if stage:
+                raise FileNotFoundError(f"no run {tag!r} in {root} (have: {sorted(tags)})")
+        elif tags:
+            return s, max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+    raise FileNotFoundError(f"no {stage or 'training'} checkpoints{f' tagged {tag!r}' if tag else ''} under {get_base_dir()}; "
+                            f"train one first (python -m pipelines.base_train) or pass an export directory")
+
+
+def restore_model(stage, tag, step=None, **model_kwargs):
+    """(model, meta) from a training checkpoint: the params only, on one device."""
     checkpointer = Checkpointer(checkpoint_dir(stage, tag))
     meta = checkpointer.read_meta(step)
     config = GPTConfig(**meta["model_config"])
     mesh = make_mesh("data=1", devices=jax.devices()[:1])
     tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
-    graphdef, abstract_state = abstract_train_state(config, tx, mesh)
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
     state, meta = checkpointer.restore(meta["step"], abstract_state)
+    checkpointer.close()
     model, _ = nnx.merge(graphdef, state)
+    return model, meta
+
+
+def export(stage, tag, out, dtype="bfloat16", step=None):
+    model, meta = restore_model(stage, tag, step)
+    config = model.config
     params = jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     tmp = out.rstrip("/") + ".tmp"  # written whole, then renamed: a crash never leaves half an export at `out`
@@ -68,9 +99,23 @@ def load_export(path, compute_dtype=jnp.float32, attn_impl="xla"):
     return model, Tokenizer.from_directory(os.path.join(path, "tokenizer")), info
 
 
+def load_model(checkpoint=None, stage=None, tag=None, step=None):
+    """(model, tokenizer, description) for inference, in the backend's compute dtype: an export
+    directory if given, else a training checkpoint found by find_run."""
+    settings = backend_settings()
+    if checkpoint:
+        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+            raise FileNotFoundError(f"{checkpoint} is not an export directory (no config.json); write one with python -m nanochat_jax.export")
+        model, tokenizer, info = load_export(checkpoint, settings["dtype"], settings["attn_impl"])
+        return model, tokenizer, f"export {checkpoint} ({info['source']['stage']} {info['source']['tag']} step {info['source']['step']})"
+    stage, tag = find_run(stage, tag)
+    model, meta = restore_model(stage, tag, step, **settings)
+    return model, get_tokenizer(), f"{stage} {tag} step {meta['step']}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Export a checkpoint for inference")
-    parser.add_argument("--stage", type=str, default="base", choices=["base", "mid", "sft", "rl"])
+    parser.add_argument("--stage", type=str, default="base", choices=STAGES)
     parser.add_argument("--tag", type=str, required=True, help="run directory, e.g. d20")
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
     parser.add_argument("--out", type=str, required=True, help="output directory")

@@ -7,6 +7,7 @@ BPE tokenizer: trained by our Rust crate (nanochat_jax.rust_bpe), run at inferen
 """
 import base64
 import binascii
+import codecs
 import copy
 import hashlib
 import json
@@ -301,6 +302,22 @@ class Tokenizer:
     def visualize_tokenization(self, ids, mask):
         """Debug helper: tokens in green are trained on (mask 1), red are not."""
         return "|".join(f"\033[{32 if m else 31}m{self.id_to_token(t)}\033[0m" for t, m in zip(ids, mask))
+
+
+class TextStream:
+    """Token ids in, text out, one piece at a time: bytes of a character split across tokens are held back
+    until the character is complete, so a stream never shows half an emoji or a replacement character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token):
+        return self.decoder.decode(self.tokenizer.enc.decode_single_token_bytes(token))
+
+    def flush(self):
+        """Whatever is held back at the end (a truncated character becomes U+FFFD)."""
+        return self.decoder.decode(b"", final=True)
 
 
 def get_tokenizer():

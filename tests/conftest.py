@@ -9,3 +9,104 @@ os.environ["NANOCHAT_JAX_HOME"] = tempfile.mkdtemp(prefix="nanochat_jax_test_hom
 # Eight simulated CPU devices, so sharded code runs on real meshes (must precede JAX's first use).
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly
+
+
+# -----------------------------------------------------------------------------
+# A real chat server for the web tests: a tiny GPT trained to answer two prompts, saved as a training
+# checkpoint, exported with `python -m nanochat_jax.export`, then served by `python -m web.server`.
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT_REPLIES = {"Hi": "Hello! 👋 你好", "Tell me a story": "la " * 150}  # the second runs long: for cancelling mid-stream
+
+
+@pytest.fixture(scope="session")
+def chat_export(tmp_path_factory):
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from nanochat_jax.checkpoint import Checkpointer
+    from nanochat_jax.dataloader import make_loader
+    from nanochat_jax.dataset import write_shards
+    from nanochat_jax.model import GPTConfig
+    from nanochat_jax.optim import build_optimizer
+    from nanochat_jax.sharding import make_mesh
+    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.train import init_train_state
+
+    root = tmp_path_factory.mktemp("chat")
+    home = root / "home"
+    tokenizer = Tokenizer([bytes([b]) for b in range(256)])  # bytes: emoji and CJK span several tokens
+    tokenizer.save(str(home / "tokenizer"))
+    config = GPTConfig(sequence_len=512, vocab_size=272, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    graphdef, state = init_train_state(config, build_optimizer(config.n_embd, num_iterations=None), make_mesh("data=1", devices=jax.devices()[:1]))
+    model, train_optimizer = nnx.merge(graphdef, state)
+
+    rows = [tokenizer.render_conversation({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            for q, a in CHAT_REPLIES.items()]
+    T = max(len(ids) for ids, _ in rows)
+    ids = jnp.asarray([i + [0] * (T - len(i)) for i, _ in rows], jnp.int32)
+    targets = jnp.asarray([[t if m else -1 for t, m in zip(i[1:], mask[1:])] + [-1] * (T - len(i)) for i, mask in rows], jnp.int32)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(ids[:, :-1], targets))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(250):
+        loss = train_step(model, optimizer)
+    assert float(loss) < 0.05, float(loss)
+
+    data = str(root / "data")
+    write_shards([f"doc {i}" for i in range(30)], data, docs_per_shard=10, num_val_docs=5)
+    ckpt = Checkpointer(str(home / "sft_checkpoints" / "chat"))
+    ckpt.save(250, nnx.state((model, train_optimizer)), make_loader(tokenizer, 1, 4, data_dir=data), {"step": 250, "model_config": config.__dict__})
+    ckpt.wait()
+    ckpt.close()
+    out = root / "export"
+    subprocess.run([sys.executable, "-m", "nanochat_jax.export", "--stage", "sft", "--tag", "chat", "--out", str(out), "--dtype", "float32"],
+                   cwd=REPO, env=dict(os.environ, NANOCHAT_JAX_HOME=str(home)), check=True, capture_output=True, timeout=300)
+    return str(out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no server at {url} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def web_server(chat_export):
+    """Base URL of `python -m web.server --checkpoint <export>` on a free loopback port."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "web.server", "--checkpoint", chat_export, "--port", str(port), "--slots", "16"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
