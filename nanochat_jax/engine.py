@@ -127,7 +127,10 @@ class Engine:
     def __init__(self, model, tokenizer, max_len=None, cache_dtype=None):
         self.graphdef, state = nnx.split(model)
         # weights in the compute dtype: decoding is bound by reading them, so bf16 halves the bytes on GPU
-        self.state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+        state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+        # one device, plainly placed: weights restored onto a training mesh would give every output that mesh's
+        # sharding, and a cache that changes sharding between calls recompiles the step
+        self.state = jax.device_put(state, jax.devices()[0])
         self.tokenizer, self.config = tokenizer, model.config
         self.max_len = max_len or model.config.sequence_len
         self.cache_dtype = cache_dtype or model.dtype  # bf16 on GPU, fp32 on CPU
@@ -237,6 +240,7 @@ class Engine:
         calculator tool forced into the stream. A sample ends at <|assistant_end|> or <|bos|> (still
         yielded), after max_tokens, or when the cache is full."""
         column, k, v, seeds, rows, knobs = self._start(tokens, num_samples, temperature, top_k, top_p, seed)
+        P = len(tokens)  # now: the caller may extend its list as tokens arrive
         state, done = [Row() for _ in range(num_samples)], [False] * num_samples
         max_tokens = max_tokens or self.max_len
         for step in range(max_tokens):
@@ -244,7 +248,7 @@ class Engine:
             column, masks = map(list, zip(*(self.next_token(row, int(t)) for row, t in zip(state, sampled))))
             done = [d or t in self.stop_ids for d, t in zip(done, column)]
             yield column, masks
-            pos = len(tokens) + step  # where this column goes in the cache
+            pos = P + step  # where this column goes in the cache
             if all(done) or step == max_tokens - 1 or pos >= self.max_len:
                 break  # pos == max_len: the cache is full, stop rather than overwrite it
             # fresh arrays every call: jax may read a numpy buffer after dispatch returns, so never mutate one in place

@@ -46,7 +46,10 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, engine, slots=32):
+    """warmup=True compiles every prefill and decode shape before the first request is served (the
+    server reports ready=False meanwhile), so no client ever waits for a compile."""
+
+    def __init__(self, engine, slots=32, warmup=False):
         self.engine, self.slots = engine, slots
         self.k, self.v = engine.new_cache(slots)
         self.active = [None] * slots  # per row: (request, tool state) or None
@@ -55,7 +58,8 @@ class Scheduler:
         self.waiting = queue.Queue()
         self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, batch_sizes=Counter())
         self.stats_lock = threading.Lock()  # /stats reads from other threads
-        self._stop = threading.Event()
+        self._stop, self.ready = threading.Event(), threading.Event()
+        self.warmup = warmup
         self.thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self.thread.start()
 
@@ -80,7 +84,26 @@ class Scheduler:
     # -----------------------------------------------------------------------------
     # the scheduler thread
 
+    def _compile_all(self):
+        """Run each static shape once: prompts padded to every bucket, decode steps over every window.
+        Only free rows are touched, and whatever this writes into the cache is never read."""
+        sizes, n = [], 16
+        while (b := self.engine.bucket(n)) not in sizes:
+            sizes.append(b)
+            n *= 2
+        zeros = np.zeros(self.slots, np.int32)
+        for size in sizes:
+            _, k_row, v_row, *_ = self.engine._start([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
+            self.k, self.v = self.engine._insert(self.k, self.v, k_row, v_row, 0)
+            knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
+            _, self.k, self.v = self.engine._step(self.engine.state, zeros, self.k, self.v, zeros, zeros, zeros, zeros, *knobs, window=size)
+
     def _run(self):
+        if self.warmup:
+            t0 = time.perf_counter()
+            self._compile_all()
+            print(f"scheduler: compiled all shapes in {time.perf_counter() - t0:.1f} s")
+        self.ready.set()
         while not self._stop.is_set():
             try:
                 self._admit()

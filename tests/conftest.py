@@ -15,6 +15,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fa
 # A real chat server for the web tests: a tiny GPT trained to answer two prompts, saved as a training
 # checkpoint, exported with `python -m nanochat_jax.export`, then served by `python -m web.server`.
 
+import json
 import socket
 import subprocess
 import sys
@@ -90,10 +91,12 @@ def wait_until_up(url, process, timeout=300):
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if json.load(response)["ready"]:  # every shape compiled
+                    return
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise TimeoutError(f"no server at {url} after {timeout} s")
 
 

@@ -356,3 +356,17 @@ def test_render_for_completion_opens_a_new_assistant_turn(tok):
     assert len(CONVERSATION["messages"]) == 5  # the caller's conversation is untouched
     with pytest.raises(ValueError, match="last message"):
         tok.render_for_completion(history)
+
+
+def test_text_stream_holds_back_split_characters():
+    """Byte tokens of an emoji and CJK arrive one by one; the stream only ever shows whole characters,
+    and a character cut off at the end becomes U+FFFD on flush."""
+    from nanochat_jax.tokenizer import TextStream
+    tok = Tokenizer([bytes([b]) for b in range(256)])
+    text = "a👋你好!"
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in tok.encode(text)]
+    assert "".join(pieces) + stream.flush() == text
+    assert [p for p in pieces if p] == ["a", "👋", "你", "好", "!"]
+    cut = TextStream(tok)
+    assert [cut.push(t) for t in "👋".encode()[:2]] == ["", ""] and cut.flush() == "\ufffd"
