@@ -25,7 +25,7 @@ import urllib.request
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHAT_REPLIES = {"Hi": "Hello! 👋 你好", "Tell me a story": "la " * 150}  # the second runs long: for cancelling mid-stream
+CHAT_REPLIES = {"Hi": "Hello! 👋 你好", "Tell me a story": "la " * 70}  # the second runs long: for cancelling mid-stream
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def chat_export(tmp_path_factory):
     home = root / "home"
     tokenizer = Tokenizer([bytes([b]) for b in range(256)])  # bytes: emoji and CJK span several tokens
     tokenizer.save(str(home / "tokenizer"))
-    config = GPTConfig(sequence_len=512, vocab_size=272, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    config = GPTConfig(sequence_len=256, vocab_size=272, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
     graphdef, state = init_train_state(config, build_optimizer(config.n_embd, num_iterations=None), make_mesh("data=1", devices=jax.devices()[:1]))
     model, train_optimizer = nnx.merge(graphdef, state)
 
