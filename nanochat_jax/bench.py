@@ -9,7 +9,9 @@ train: the full step (fwd, bwd, Muon + AdamW) at nanochat's shapes; prints compi
 step time, tokens/s, MFU against 989 TF/s per GPU (H100 bf16 dense, as nanochat) and peak memory.
 On GPU it first checks that cuDNN and XLA attention agree.
 data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for each thread count.
-decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size.
+decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size, for the
+host loop (Engine.generate, streaming) and the device loop (Engine.generate_batch, one lax.while_loop).
+python -m nanochat_jax.bench decode --depth 20 --batch-sizes 1,8,32,128 --loop both
 """
 import argparse
 import os
@@ -102,7 +104,12 @@ def bench_data(args):
 
 
 def bench_decode(args):
-    """Time to first token, per-step latency, tokens/s and MBU of the KV-cache engine (random weights)."""
+    """Time to first token, per-step latency, tokens/s and MBU of the KV-cache engine (random weights),
+    sampling at temperature 1 with top-k 50 (the chat default).
+    host: Engine.generate, the streaming host loop; each yield has synced on its column, so the step is the
+          median gap between yields and TTFT the time to the first yield (prefill and first sample).
+    device: Engine.generate_batch, the whole decode in one lax.while_loop; only the total is observable, so
+          the step is (total - prefill) / steps, with the prefill (Engine._start) timed on its own."""
     from flax import nnx
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
@@ -110,21 +117,54 @@ def bench_decode(args):
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
+    itemsize = jnp.dtype(model.dtype).itemsize
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.state))
+    table_bytes = config.vocab_size * config.n_embd * itemsize  # a step reads only B rows of the embedding table
     kv_bytes_per_token = config.n_layer * 2 * config.n_kv_head * config.head_dim * jnp.dtype(engine.cache_dtype).itemsize
-    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {param_bytes / 1e9:.2f} GB of weights, prompt {args.prompt_len}, "
-          f"{args.steps} steps, peak bandwidth {args.peak_bw / 1e12:.2f} TB/s")
-    prompt = list(np.random.default_rng(0).integers(0, 256, args.prompt_len))
-    for B in map(int, args.batch_sizes.split(",")):
-        for _ in range(2):  # the first pass compiles
-            t0 = time.perf_counter()
-            stamps = []
-            for _column in engine.generate(prompt, num_samples=B, max_tokens=args.steps, temperature=1.0, seed=0):
-                stamps.append(time.perf_counter())  # each yield has synced on its tokens
-        ttft, step = stamps[0] - t0, statistics.median(np.diff(stamps))
+    loops = ["host", "device"] if args.loop == "both" else [args.loop]
+    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {param_bytes / 1e9:.2f} GB of weights ({(param_bytes - table_bytes) / 1e9:.2f} GB "
+          f"read per step besides embedding rows), prompt {args.prompt_len}, {args.steps} steps, temperature {args.temperature}, "
+          f"top-k {args.top_k}, peak bandwidth {args.peak_bw / 1e12:.2f} TB/s, loops {'+'.join(loops)}")
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, args.prompt_len)]
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=0)
+
+    def mbu(B, step):
         context = args.prompt_len + args.steps / 2  # mean tokens in the cache while decoding
-        mbu = (param_bytes + B * context * kv_bytes_per_token) / step / args.peak_bw
-        print(f"batch {B:4d} | TTFT {ttft * 1000:7.1f} ms | step {step * 1000:6.2f} ms | {B / step:10,.0f} tok/s | MBU {100 * mbu:5.1f}%")
+        return (param_bytes - table_bytes + B * config.n_embd * itemsize + B * context * kv_bytes_per_token) / step / args.peak_bw
+
+    def report(loop, B, ttft, step, note=""):
+        print(f"{loop:6s} batch {B:4d} | TTFT {ttft * 1000:7.1f} ms | step {step * 1000:6.2f} ms | {B / step:10,.0f} tok/s "
+              f"| MBU {100 * mbu(B, step):5.1f}%{note}", flush=True)
+
+    for B in map(int, args.batch_sizes.split(",")):
+        if "host" in loops:
+            t_compile = time.perf_counter()
+            for rep in range(2):  # the first pass compiles
+                t0 = time.perf_counter()
+                stamps = []
+                for _column in engine.generate(prompt, num_samples=B, max_tokens=args.steps, **sampling):
+                    stamps.append(time.perf_counter())  # each yield has synced on its tokens
+                if rep == 0:
+                    compile_s = time.perf_counter() - t_compile
+            ttft, step = stamps[0] - t0, statistics.median(np.diff(stamps))
+            report("host", B, ttft, step, f" | {len(stamps)} tokens/row, first pass (compiles) {compile_s:.1f}s")
+        if "device" in loops:
+            t0 = time.perf_counter()
+            engine.generate_batch(prompt, num_samples=B, max_tokens=args.steps, **sampling)  # compiles
+            compile_s = time.perf_counter() - t0
+            prefills, cache_len = [], engine.cache_len(len(prompt), args.steps)
+            for _ in range(3):  # generate_batch's prefill, alone
+                t0 = time.perf_counter()
+                jax.block_until_ready(engine._start(prompt, B, args.temperature, args.top_k, 1.0, 0, cache_len=cache_len, static_mode=True)[:3])
+                prefills.append(time.perf_counter() - t0)
+            prefill = statistics.median(prefills)
+            t0 = time.perf_counter()
+            results, _ = engine.generate_batch(prompt, num_samples=B, max_tokens=args.steps, **sampling)
+            total = time.perf_counter() - t0
+            steps = max(len(r) for r in results)
+            steps += steps < args.steps  # every row stopped early: count the stop token too
+            report("device", B, prefill, (total - prefill) / steps,
+                   f" | {steps} tokens/row in {total * 1000:.1f} ms; TTFT = prefill alone, step = (total - prefill) / steps, first call (compiles) {compile_s:.1f}s")
 
 
 parser = argparse.ArgumentParser(description="nanochat_jax benchmarks")
@@ -159,6 +199,10 @@ p.add_argument("--steps", type=int, default=128, help="tokens generated per samp
 p.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
 p.add_argument("--vocab-size", type=int, default=65536)
 p.add_argument("--peak-bw", type=float, default=3.35e12, help="bytes/s for MBU (H100 SXM HBM3: 3.35 TB/s)")
+p.add_argument("--loop", type=str, default="both", choices=["host", "device", "both"],
+               help="host: Engine.generate (streaming); device: Engine.generate_batch (one lax.while_loop)")
+p.add_argument("--temperature", type=float, default=1.0)
+p.add_argument("--top-k", type=int, default=50, help="the chat default")
 
 if __name__ == "__main__":
     args = parser.parse_args()

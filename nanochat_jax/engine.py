@@ -60,7 +60,8 @@ def sample_completions(forward, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16
 # -----------------------------------------------------------------------------
 # Sampling
 
-TOP_K_FAST = 256  # a top-k up to this takes lax.top_k; only a larger k, or top-p without top-k, sorts all V logits
+TOP_K_FAST = 256  # a top-k up to this takes the fast path; only a larger k, or top-p without top-k, sorts all V logits
+TOP_K_CHUNK = 16  # top_candidates' chunk of the vocabulary
 
 
 def row_keys(seeds, rows, steps):
@@ -68,6 +69,23 @@ def row_keys(seeds, rows, steps):
     rows share its batch, so a seeded request gives the same text alone, batched, or on the device loop."""
     key = lambda s, r, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), t)
     return jax.vmap(key)(seeds, rows, steps)
+
+
+def top_candidates(logits, n):
+    """lax.top_k(logits, n) for logits (B, V), but without sorting all V: the n chunks of TOP_K_CHUNK logits
+    with the largest maxima hold the n largest logits, so only those n * TOP_K_CHUNK are ranked. The same
+    values; ids the same too, except which of several equal logits is taken at the cut. (XLA ranks a whole
+    row of 65,536 by a radix sort: 0.6 ms a step at batch 128 on an H100.)"""
+    B, V = logits.shape
+    C = V // TOP_K_CHUNK
+    if V % TOP_K_CHUNK or C < 4 * n:
+        return jax.lax.top_k(logits, n)
+    blocks = logits.reshape(B, C, TOP_K_CHUNK)
+    _, chunks = jax.lax.top_k(blocks.max(axis=-1), n)
+    chunks = jnp.sort(chunks, axis=-1)  # in vocabulary order, so equal logits rank by id as in lax.top_k
+    candidates = jnp.take_along_axis(blocks, chunks[:, :, None], axis=1).reshape(B, n * TOP_K_CHUNK)
+    values, j = jax.lax.top_k(candidates, n)
+    return values, jnp.take_along_axis(chunks, j // TOP_K_CHUNK, axis=1) * TOP_K_CHUNK + j % TOP_K_CHUNK
 
 
 def _sample_sorted(values, ids, keys, temperature, top_k, top_p):
@@ -82,28 +100,48 @@ def _sample_sorted(values, ids, keys, temperature, top_k, top_p):
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
 
-def sample_next(logits, keys, temperature, top_k, top_p):
+def sampling_mode(temperature, top_k, top_p):
+    """Which path of sample_next serves every row of these per-row knobs (B,): 0 all greedy, 1 plain
+    categorical, 2 the top TOP_K_FAST candidates, 3 those and plain rows, 4 a sort of all V logits.
+    Numpy knobs give an int (the host's choice); traced knobs a traced one (the device's)."""
+    xp = np if isinstance(temperature, np.ndarray) else jnp
+    hot = temperature > 0
+    plain_rows = (top_k == 0) & (top_p >= 1.0)
+    needs_all = xp.any(hot & (((top_k == 0) & (top_p < 1.0)) | (top_k > TOP_K_FAST)))
+    any_plain, all_plain = xp.any(hot & plain_rows), xp.all(~hot | plain_rows)
+    mode = xp.where(~xp.any(hot), 0, xp.where(needs_all, 4, xp.where(all_plain, 1, xp.where(any_plain, 3, 2))))
+    return int(mode) if xp is np else mode
+
+
+def sample_next(logits, keys, temperature, top_k, top_p, mode=None):
     """One token per row from fp32 logits (B, V); keys (B,) and per-row knobs (B,): temperature 0 is
-    greedy, top_k 0 and top_p 1 are off. The knobs are traced, so changing them never recompiles."""
+    greedy, top_k 0 and top_p 1 are off. The knobs are traced, so changing them never recompiles.
+    Takes the cheapest path that serves every row (sampling_mode): chosen on the device by a lax.switch,
+    or, given a static mode, at trace time. A switch makes XLA copy its index to the host and wait for it,
+    so a step that contains one cannot be queued ahead of the device."""
     B, V = logits.shape
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = temperature > 0
+    plain_rows = (top_k == 0) & (top_p >= 1.0)  # neither top-k nor top-p: categorical over all V
 
-    def sample(_):
-        def all_sorted(_):
-            order = jnp.argsort(-logits, axis=-1)
-            return _sample_sorted(jnp.take_along_axis(logits, order, axis=-1), order, keys, temperature, top_k, top_p)
+    def plain():
+        return jax.vmap(jax.random.categorical)(keys, logits / jnp.maximum(temperature, 1e-6)[:, None]).astype(jnp.int32)
 
-        def few_sorted(_):
-            values, ids = jax.lax.top_k(logits, min(TOP_K_FAST, V))
-            plain = jax.vmap(jax.random.categorical)(keys, logits / jnp.maximum(temperature, 1e-6)[:, None])
-            return jnp.where(top_k > 0, _sample_sorted(values, ids, keys, temperature, top_k, top_p), plain)
+    def few(with_plain):
+        values, ids = top_candidates(logits, min(TOP_K_FAST, V))
+        sampled = _sample_sorted(values, ids, keys, temperature, top_k, top_p).astype(jnp.int32)
+        return jnp.where(plain_rows, plain(), sampled) if with_plain else sampled
 
-        needs_all = jnp.any(((top_k == 0) & (top_p < 1.0)) | (top_k > TOP_K_FAST))
-        sampled = jax.lax.cond(needs_all, all_sorted, few_sorted, None)
-        return jnp.where(temperature > 0, sampled, greedy)
+    def all_sorted():
+        order = jnp.argsort(-logits, axis=-1)
+        return _sample_sorted(jnp.take_along_axis(logits, order, axis=-1), order, keys, temperature, top_k, top_p).astype(jnp.int32)
 
-    # an all-greedy batch skips sorting altogether
-    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None).astype(jnp.int32)
+    branches = [lambda: greedy, plain, lambda: few(False), lambda: few(True), all_sorted]
+    if mode is None:
+        sampled = jax.lax.switch(sampling_mode(temperature, top_k, top_p), [lambda _, f=f: f() for f in branches], None)
+    else:
+        sampled = branches[mode]()
+    return jnp.where(hot, sampled, greedy)
 
 
 # -----------------------------------------------------------------------------
@@ -120,9 +158,12 @@ class Row:
 class Engine:
     """Prefill once, then decode all samples of a prompt as rows of one batch over a preallocated KV
     cache (L, B, S, K, Dh). Prompt lengths and attention spans are bucketed to powers of two, so few
-    shapes compile; the cache is donated to each step, so it is updated in place."""
+    shapes compile; the cache is donated to each step, so it is updated in place. The weights are kept
+    as a flat tuple of arrays (self.state): a jitted call flattens its arguments every time, and an
+    nnx.State of ~120 leaves took milliseconds to pass where a tuple takes tens of microseconds."""
 
     FORCED = 64  # room for one calculator result on the device loop (results are at most ~25 characters)
+    TRANSPOSED = True  # hold the blocks' Linear kernels as W.T (model.dense says why)
 
     def __init__(self, model, tokenizer, max_len=None, cache_dtype=None):
         self.graphdef, state = nnx.split(model)
@@ -130,56 +171,73 @@ class Engine:
         state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
         # one device, plainly placed: weights restored onto a training mesh would give every output that mesh's
         # sharding, and a cache that changes sharding between calls recompiles the step
-        self.state = jax.device_put(state, jax.devices()[0])
+        self.device = jax.devices()[0]
+        # the blocks' Linear kernels transposed, (d_out, d_in): see model.dense
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+        is_block_kernel = lambda path: str(getattr(path[0], "key", "")) == "blocks" and any(getattr(k, "key", None) == "kernel" for k in path)
+        leaves = [x.T if self.TRANSPOSED and is_block_kernel(path) else x for path, x in leaves]
+        self.state = tuple(jax.device_put(leaves, self.device))
         self.tokenizer, self.config = tokenizer, model.config
         self.max_len = max_len or model.config.sequence_len
         self.cache_dtype = cache_dtype or model.dtype  # bf16 on GPU, fp32 on CPU
         special = tokenizer.encode_special
         self.stop_ids = {special("<|assistant_end|>"), special("<|bos|>")}
         self.python = (special("<|python_start|>"), special("<|python_end|>"), special("<|output_start|>"), special("<|output_end|>"))
-        self._prefill = jax.jit(self._prefill_fn)
-        self._step = jax.jit(self._step_fn, static_argnames="window", donate_argnums=(2, 3))
+        # mode: sample_next's static path (generate and generate_batch, whose knobs are fixed per call), or None
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "mode"))
+        self._step = jax.jit(self._step_fn, static_argnames=("window", "mode"), donate_argnums=(2, 3))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
-        self._loop = jax.jit(self._loop_fn, static_argnames="window", donate_argnums=(1,))
+        self._loop = jax.jit(self._loop_fn, static_argnames=("window", "mode"), donate_argnums=(1,))
 
     # --- the jitted pieces; knobs = (temperature, top_k, top_p), each (B,)
 
-    def new_cache(self, batch):
+    def model(self, state):
+        """The model over weights in the engine's flat form (traced inside the jitted functions)."""
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, state))
+
+    def new_cache(self, batch, length=None):
+        """Zero caches of `length` positions (default max_len)."""
         c = self.config
-        shape = (c.n_layer, batch, self.max_len, c.n_kv_head, c.head_dim)
+        shape = (c.n_layer, batch, length or self.max_len, c.n_kv_head, c.head_dim)
         return jnp.zeros(shape, self.cache_dtype), jnp.zeros(shape, self.cache_dtype)
 
     def bucket(self, n):
         """Static size for n positions: a power of two, at least 16, at most the cache."""
         return min(self.max_len, max(16, 1 << (int(n) - 1).bit_length()))
 
-    def _prefill_fn(self, state, padded, length, seeds, rows, *knobs):
+    def cache_len(self, prompt_len, max_tokens):
+        """Cache positions one generation needs: the bucket of prompt + max_tokens (a batch of 128 at
+        max_len 2048 would otherwise allocate, and fill at prefill, 27 GB of cache for d20)."""
+        return self.bucket(min(self.max_len, prompt_len + max_tokens))
+
+    def _prefill_fn(self, state, padded, length, seeds, rows, *knobs, cache_len=None, mode=None):
         """Run one prompt padded to (1, bucket); return the first sampled token of each of the N rows
-        (N = len(seeds)) and the prompt's cache repeated to N rows."""
-        model = nnx.merge(self.graphdef, state)
-        k, v = self.new_cache(1)
-        h, k, v = model.decode(padded, k, v, jnp.zeros((1,), jnp.int32), window=padded.shape[1])
+        (N = len(seeds)) and the prompt's cache (cache_len positions, default max_len) repeated to N rows."""
+        model = self.model(state)
+        k, v = self.new_cache(1, cache_len)
+        h, k, v = model.decode(padded, k, v, jnp.zeros((1,), jnp.int32), window=padded.shape[1], transposed=self.TRANSPOSED)
         N = seeds.shape[0]
         logits = jnp.repeat(model.logits(h[:, length - 1]), N, axis=0)  # each row draws its own first token
-        first = sample_next(logits, row_keys(seeds, rows, jnp.zeros_like(rows)), *knobs)
+        first = sample_next(logits, row_keys(seeds, rows, jnp.zeros_like(rows)), *knobs, mode=mode)
         return first, jnp.repeat(k, N, axis=1), jnp.repeat(v, N, axis=1)
 
-    def _step_fn(self, state, tokens, k, v, pos, seeds, rows, steps, *knobs, window):
+    def _step_fn(self, state, tokens, k, v, pos, seeds, rows, steps, *knobs, window, mode=None):
         """Feed tokens (B,) at positions pos (B,) and sample the next token of every row."""
-        model = nnx.merge(self.graphdef, state)
-        h, k, v = model.decode(tokens[:, None], k, v, pos, window)
-        return sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, steps), *knobs), k, v
+        model = self.model(state)
+        h, k, v = model.decode(tokens[:, None], k, v, pos, window, transposed=self.TRANSPOSED)
+        return sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, steps), *knobs, mode=mode), k, v
 
     def _insert_fn(self, k, v, k_row, v_row, slot):
         """Copy a one-row cache into row `slot` of a batch cache."""
         put = lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1)
         return put(k, k_row), put(v, v_row)
 
-    def _loop_fn(self, state, c, seeds, rows, *knobs, window):
+    def _loop_fn(self, state, c, seeds, rows, *knobs, window, mode=None):
         """Decode on the device until every row stopped, max_tokens (the width of c["out"]), a full cache,
         or a row closing a calculator call, which the host must answer. Each iteration takes the pending
         candidate (or a forced token), records it, and feeds it to sample the next candidate."""
-        model = nnx.merge(self.graphdef, state)
+        model = self.model(state)
+        last = c["k"].shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
         stop_a, stop_b = sorted(self.stop_ids)
 
@@ -192,8 +250,8 @@ class Engine:
             token = jnp.where(is_forced, jnp.take_along_axis(c["forced"], idx[:, None], axis=1)[:, 0], c["candidate"])
             ended = (token == py_end) & c["in_python"]
             # at a full cache (pos == max_len) this writes the last position again; the loop then ends and the cache is dropped
-            h, k, v = model.decode(token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], self.max_len - 1), window)
-            candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, jnp.full_like(rows, s + 1)), *knobs)
+            h, k, v = model.decode(token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], last), window, transposed=self.TRANSPOSED)
+            candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, jnp.full_like(rows, s + 1)), *knobs, mode=mode)
             return dict(c, k=k, v=v, candidate=candidate, pos=c["pos"] + 1, step=s + 1, n_used=c["n_used"] + is_forced,
                         out=c["out"].at[:, s].set(token), mask=c["mask"].at[:, s].set(~is_forced),
                         done=c["done"] | (token == stop_a) | (token == stop_b), call=ended,
@@ -203,8 +261,10 @@ class Engine:
 
     # --- generation
 
-    def _start(self, tokens, num_samples, temperature, top_k, top_p, seed):
-        """Prefill a prompt for num_samples rows: (first tokens, k, v, seeds, rows, knobs)."""
+    def _start(self, tokens, num_samples, temperature, top_k, top_p, seed, cache_len=None, static_mode=False):
+        """Prefill a prompt for num_samples rows: (first tokens, k, v, seeds, rows, knobs, mode), the caches
+        of cache_len positions (default max_len), seeds, rows and knobs already on the device. static_mode:
+        compile the sampling path these knobs need (mode) rather than choose it on the device (mode None)."""
         P = len(tokens)
         if not 0 < P < self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit the KV cache of {self.max_len} positions (at least one must stay free)")
@@ -213,8 +273,10 @@ class Engine:
         N = num_samples
         seeds, rows = np.full(N, seed, np.int32), np.arange(N, dtype=np.int32)
         knobs = (np.full(N, temperature, np.float32), np.full(N, top_k, np.int32), np.full(N, top_p, np.float32))
-        first, k, v = self._prefill(self.state, padded, P, seeds, rows, *knobs)
-        return first, k, v, seeds, rows, knobs
+        mode = sampling_mode(*knobs) if static_mode else None
+        seeds, rows, *knobs = jax.device_put((seeds, rows, *knobs), self.device)  # sent once, not with every step
+        first, k, v = self._prefill(self.state, padded, P, seeds, rows, *knobs, cache_len=cache_len, mode=mode)
+        return first, k, v, seeds, rows, tuple(knobs), mode
 
     def next_token(self, row, sampled):
         """(token, mask) for a row given its sampled token: a forced token first if the calculator queued
@@ -238,36 +300,53 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """Stream (token column, mask column) per step, one entry per sample. mask 0 marks tokens the
         calculator tool forced into the stream. A sample ends at <|assistant_end|> or <|bos|> (still
-        yielded), after max_tokens, or when the cache is full."""
-        column, k, v, seeds, rows, knobs = self._start(tokens, num_samples, temperature, top_k, top_p, seed)
+        yielded), after max_tokens, or when the cache is full.
+        The host stays one step ahead of the device: before it reads a column it already feeds that column's
+        sampled tokens back, so the device decodes while the host runs the tool state machine and the
+        consumer. When the host forces a token instead (a calculator result), it repeats the step with the
+        column it chose, which overwrites the same cache position; the tokens are the same either way."""
         P = len(tokens)  # now: the caller may extend its list as tokens arrive
-        state, done = [Row() for _ in range(num_samples)], [False] * num_samples
         max_tokens = max_tokens or self.max_len
-        for step in range(max_tokens):
-            sampled = np.asarray(column)  # syncs: the host decides what each row sees next
+        N = num_samples
+        candidates, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed,
+                                                                 cache_len=self.cache_len(P, max_tokens), static_mode=True)
+        state, done = [Row() for _ in range(N)], [False] * N
+
+        def step(column, k, v, i):  # feed `column` at position P + i; returns the candidates of token i + 1
+            pos = P + i
+            # fresh arrays every call: jax may read a numpy buffer after dispatch returns, so never mutate one in place
+            return self._step(self.state, column, k, v, np.full(N, pos, np.int32), seeds, rows, np.full(N, i + 1, np.int32),
+                              *knobs, window=self.bucket(pos + 1), mode=mode)
+
+        for i in range(max_tokens):
+            more = i < max_tokens - 1 and P + i < self.max_len  # P + i == max_len: the cache is full, never overwrite it
+            ahead = more and not any(row.forced for row in state)  # a queued forced token would replace the candidate
+            if ahead:
+                following, k, v = step(candidates, k, v, i)
+            sampled = np.asarray(candidates)  # syncs: the host decides what each row sees next
             column, masks = map(list, zip(*(self.next_token(row, int(t)) for row, t in zip(state, sampled))))
             done = [d or t in self.stop_ids for d, t in zip(done, column)]
             yield column, masks
-            pos = P + step  # where this column goes in the cache
-            if all(done) or step == max_tokens - 1 or pos >= self.max_len:
-                break  # pos == max_len: the cache is full, stop rather than overwrite it
-            # fresh arrays every call: jax may read a numpy buffer after dispatch returns, so never mutate one in place
-            column, k, v = self._step(self.state, np.asarray(column, np.int32), k, v, np.full(num_samples, pos, np.int32), seeds, rows,
-                                      np.full(num_samples, step + 1, np.int32), *knobs, window=self.bucket(pos + 1))
+            if all(done) or not more:
+                break
+            if not ahead or column != sampled.tolist():
+                following, k, v = step(jax.device_put(np.asarray(column, np.int32), self.device), k, v, i)
+            candidates = following
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """The finished samples (prompt and stop token excluded) and their masks, decoded on the device:
-        the same tokens as collecting generate(), without a host round trip per token."""
-        first, k, v, seeds, rows, knobs = self._start(tokens, num_samples, temperature, top_k, top_p, seed)
+        the same tokens as collecting generate(), without a host round trip per token (the while loop
+        still reads its condition back every iteration)."""
         N, P = num_samples, len(tokens)
         M = max_tokens or self.max_len
+        first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed, cache_len=self.cache_len(P, M), static_mode=True)
         zeros, false = np.zeros(N, np.int32), np.zeros(N, bool)
         c = dict(k=k, v=v, candidate=first, pos=np.full(N, P, np.int32), step=np.int32(0),
                  out=np.zeros((N, M), np.int32), mask=np.zeros((N, M), bool), done=false, call=false, in_python=false,
                  forced=np.zeros((N, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
-        window = self.bucket(min(self.max_len, P + M))
+        window = self.cache_len(P, M)
         while True:
-            c = self._loop(self.state, c, seeds, rows, *knobs, window=window)
+            c = self._loop(self.state, c, seeds, rows, *knobs, window=window, mode=mode)
             call, step = np.asarray(c["call"]), int(c["step"])
             if not call.any() or step == M or int(c["pos"][0]) > self.max_len:
                 break

@@ -122,6 +122,14 @@ class Linear(nnx.Module):
         return x @ self.kernel[...].astype(x.dtype)
 
 
+def dense(linear, x, transposed=False):
+    """linear(x) for the KV-cache path; transposed: linear.kernel holds W.T, (d_out, d_in). Decoding one token
+    (B = T = 1), XLA turns x @ W into a reduction over W's rows, which on an H100 reads W at about half
+    the speed of the reduction along W.T's rows that this gives."""
+    w = linear.kernel[...].astype(x.dtype)
+    return jnp.einsum("...i,oi->...o", x, w) if transposed else x @ w
+
+
 def uniform_init(d_model):
     s = math.sqrt(3) / math.sqrt(d_model)  # std 1/sqrt(d)
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -s, s)
@@ -141,19 +149,29 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs)
 
     def __call__(self, x, cos, sin, cache=None):
-        """cache: None (training: causal over x), or (k, v, pos, layer, window): k and v (L, B, S, K, Dh)
+        """cache: None (training: causal over x), or (k, v, pos, layer, window, transposed): k and v (L, B, S, K, Dh)
         hold each row's first pos[b] tokens; x is written at pos[b].. of this layer and attends to everything
-        up to itself, which must lie within the first `window` positions."""
+        up to itself, which must lie within the first `window` positions. transposed: the kernels hold W.T
+        (see GPT.decode)."""
         B, T, _ = x.shape
+        if cache is not None:
+            return self._cached(x, cos, sin, cache)
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
-        if cache is None:
-            q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
-            return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), None
-        k_cache, v_cache, pos, layer, window = cache  # caches (L, B, S, K, Dh) for all layers, updated in place
+        q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
+        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), None
+
+    def _cached(self, x, cos, sin, cache):
+        """The KV-cache path of __call__."""
+        B, T, _ = x.shape
+        k_cache, v_cache, pos, layer, window, transposed = cache  # caches (L, B, S, K, Dh) for all layers, updated in place
+        q = dense(self.c_q, x, transposed).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
+        k = dense(self.c_k, x, transposed).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
+        v = dense(self.c_v, x, transposed).reshape(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
         write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
                          in_axes=(1, 0, 0), out_axes=1)
         k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)  # row b's tokens land at pos[b]..
@@ -162,7 +180,7 @@ class CausalSelfAttention(nnx.Module):
         # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
         mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
-        return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), (k_cache, v_cache)
+        return dense(self.c_proj, y.reshape(B, T, self.n_head * self.head_dim), transposed), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -210,16 +228,20 @@ class GPT(nnx.Module):
             x = nnx.remat(lambda blk, x: blk(x, cos, sin)[0])(block, x) if self.remat else block(x, cos, sin)[0]
         return norm(x)
 
-    def decode(self, idx, k_cache, v_cache, pos, window=None):
+    def decode(self, idx, k_cache, v_cache, pos, window=None, transposed=False):
         """Run idx (B, T) at positions pos[b].. against KV caches (L, B, S, K, Dh); returns the final normed
         hidden states (B, T, D) and the updated caches. One path for prefill (T > 1) and decoding (T = 1).
-        window (static): attend over the first `window` cache positions, which must cover pos[b] + T."""
+        window (static): attend over the first `window` cache positions, which must cover pos[b] + T.
+        transposed (static): the blocks' Linear kernels hold W.T, (d_out, d_in), as the Engine keeps them."""
         B, T = idx.shape
         window = window or k_cache.shape[2]
         cos, sin = rotary_tables(pos[:, None] + jnp.arange(T)[None, :], self.config.head_dim)  # (B, T, Dh/2), offset per row
         x = norm(self.wte.embedding[...][idx].astype(self.dtype))
-        for i, block in enumerate(self.blocks):
-            x, (k_cache, v_cache) = block(x, cos, sin, (k_cache, v_cache, pos, i, window))
+        for i, block in enumerate(self.blocks):  # Block.__call__, with the kernels as they are held
+            y, (k_cache, v_cache) = block.attn(norm(x), cos, sin, (k_cache, v_cache, pos, i, window, transposed))
+            x = x + y
+            h = jnp.square(jax.nn.relu(dense(block.mlp.c_fc, norm(x), transposed)))  # MLP.__call__
+            x = constrain(x + dense(block.mlp.c_proj, h, transposed), "batch", None, None)
         return norm(x), k_cache, v_cache
 
     def logits(self, h):

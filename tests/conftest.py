@@ -11,6 +11,16 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly
 
 
+def randomize(model, seed=1, scale=0.3):
+    """Draw every parameter N(0, scale²) in place: unlike the init (zero output projections, a tiny
+    lm_head), every weight then shapes the output. Returns the model."""
+    from flax import nnx
+    params = [p for _, p in nnx.iter_graph(model) if isinstance(p, nnx.Param)]
+    for key, param in zip(jax.random.split(jax.random.key(seed), len(params)), params):
+        param[...] = jax.random.normal(key, param.shape) * scale
+    return model
+
+
 # -----------------------------------------------------------------------------
 # A real chat server for the web tests: a tiny GPT trained to answer two prompts, saved as a training
 # checkpoint, exported with `python -m nanochat_jax.export`, then served by `python -m web.server`.

@@ -30,5 +30,10 @@ def test_data_benchmark_prints_tokens_per_second(tmp_path):
 
 
 def test_decode_benchmark_prints_latency_and_mbu():
+    """Both loops by default: the streaming host loop (Engine.generate) and the device loop (generate_batch)."""
     out = bench("decode", "--depth", "2", "--batch-sizes", "1,2", "--prompt-len", "8", "--steps", "4", "--max-len", "32", "--vocab-size", "512")
-    assert re.search(r"batch    2 \| TTFT +[\d.]+ ms \| step +[\d.]+ ms \| +[\d,]+ tok/s \| MBU", out), out
+    for loop in ("host  ", "device"):
+        assert re.search(loop + r" batch    2 \| TTFT +[\d.]+ ms \| step +[\d.]+ ms \| +[\d,]+ tok/s \| MBU +[\d.]+%", out), out
+    out = bench("decode", "--depth", "2", "--batch-sizes", "3", "--prompt-len", "8", "--steps", "4", "--max-len", "32", "--vocab-size", "512",
+                "--loop", "device", "--top-k", "0")
+    assert "device batch    3 |" in out and "host " not in out and "top-k 0" in out, out

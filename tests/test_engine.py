@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from conftest import randomize
 from nanochat_jax.engine import Engine, greedy_naive
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.tokenizer import Tokenizer
@@ -19,12 +20,7 @@ PROMPT = [256, *b"Hello there"]  # <|bos|> then bytes
 
 @pytest.fixture(scope="module")
 def model():
-    model = GPT(CONFIG, rngs=nnx.Rngs(0))
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    for _, param in nnx.iter_graph(model):
-        if isinstance(param, nnx.Param):
-            param[...] = jax.random.normal(next(keys), param.shape) * 0.3
-    return model
+    return randomize(GPT(CONFIG, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +119,43 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
     wide = jnp.tile(jnp.log(jnp.full(512, 1 / 512)), (64, 1))
     tokens = sample_next(wide, keys[:64], jnp.ones(64), jnp.full(64, 300, jnp.int32), jnp.ones(64))
     assert int(tokens.max()) < 512 and len(set(np.asarray(tokens).tolist())) > 32
+
+
+def test_top_candidates_equal_lax_top_k():
+    """The chunked top-k (only the chunks with the largest maxima are ranked) gives lax.top_k's answer at
+    the real vocabulary size; with many equal logits, the same values and valid distinct ids."""
+    from nanochat_jax.engine import top_candidates
+    x = jax.random.normal(jax.random.key(0), (4, 65536))
+    for n in (256, 50):
+        values, ids = jax.jit(top_candidates, static_argnums=1)(x, n)
+        expected = jax.lax.top_k(x, n)
+        assert (values == expected[0]).all() and (ids == expected[1]).all()
+    ties = jnp.round(x * 4) / 4
+    values, ids = jax.jit(top_candidates, static_argnums=1)(ties, 256)
+    assert (values == jax.lax.top_k(ties, 256)[0]).all()
+    assert (jnp.take_along_axis(ties, ids, axis=1) == values).all() and all(len(set(r)) == 256 for r in np.asarray(ids).tolist())
+
+
+def test_static_sampling_mode_equals_the_device_switch():
+    """sample_next with the mode chosen on the host (compiled in) draws exactly what the lax.switch draws."""
+    from nanochat_jax.engine import row_keys, sample_next, sampling_mode
+    B = 6
+    logits = jax.random.normal(jax.random.key(2), (B, 1000)) * 3
+    keys = row_keys(jnp.full(B, 3, jnp.int32), jnp.arange(B), jnp.zeros(B, jnp.int32))
+    cases = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 40, 1.0), (1.0, 40, 0.9), (1.0, 0, 0.9), (1.0, 300, 1.0)]
+    modes = set()
+    for case in cases + [None]:
+        if case is None:  # a mixed batch: greedy, plain and top-k rows together
+            knobs = (np.array([0.0, 1.0, 1.0, 0.5, 1.0, 0.0], np.float32), np.array([0, 0, 40, 5, 0, 300], np.int32), np.ones(B, np.float32))
+        else:
+            t, k, p = case
+            knobs = (np.full(B, t, np.float32), np.full(B, k, np.int32), np.full(B, p, np.float32))
+        mode = sampling_mode(*knobs)
+        modes.add(mode)
+        dynamic = jax.jit(sample_next)(logits, keys, *knobs)
+        static = jax.jit(sample_next, static_argnames="mode")(logits, keys, *knobs, mode=mode)
+        assert (dynamic == static).all(), (case, mode)
+    assert modes == {0, 1, 2, 3, 4}
 
 
 # -----------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Continuous batching: a request gives the same tokens whether it runs alone through the engine or
 shares the scheduler's batch with others; rows are freed on completion and on cancel; extra requests wait."""
-import jax
 import pytest
 from flax import nnx
 
+from conftest import randomize
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.scheduler import Scheduler
@@ -16,12 +16,7 @@ PROMPTS = [[256, *b"Hello there"], [256, *b"Hi"], [256, *b"What is the capital o
 
 @pytest.fixture(scope="module")
 def engine():
-    model = GPT(CONFIG, rngs=nnx.Rngs(0))
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    for _, param in nnx.iter_graph(model):
-        if isinstance(param, nnx.Param):
-            param[...] = jax.random.normal(next(keys), param.shape) * 0.3
-    return Engine(model, BYTES)
+    return Engine(randomize(GPT(CONFIG, rngs=nnx.Rngs(0))), BYTES)
 
 
 def alone(engine, prompt, max_tokens, **knobs):
