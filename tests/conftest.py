@@ -11,6 +11,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end speedrun (the longest file, minutes) first: on two xdist workers it then runs
+    beside everything else instead of after it."""
+    items.sort(key=lambda item: item.path.name != "test_run_speedrun.py")  # stable: the order within files is kept
+
+
 def randomize(model, seed=1, scale=0.3):
     """Draw every parameter N(0, scale²) in place: unlike the init (zero output projections, a tiny
     lm_head), every weight then shapes the output. Returns the model."""
