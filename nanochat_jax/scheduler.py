@@ -117,6 +117,7 @@ class Scheduler:
                     if entry is not None:
                         entry[0].error = f"{type(e).__name__}: {e}"
                         self._finish(i, None, "failed")
+                self.k, self.v = self.engine.new_cache(self.slots)  # a failed step may have consumed the donated cache
 
     def _admit(self):
         """Prefill waiting requests into free rows; block briefly when there is nothing to do."""
