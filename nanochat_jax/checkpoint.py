@@ -17,6 +17,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nanochat_jax.common import get_base_dir
+from nanochat_jax.model import GPTConfig
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.train import abstract_train_state
 
 
 class CheckpointError(RuntimeError):
@@ -92,3 +95,16 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def restore_run(stage, tag, step, mesh, **model_kwargs):
+    """(graphdef, state, meta) of a run's checkpoint (step None: the latest) laid out on mesh, for evaluation
+    or inference: the optimizer state comes along (the checkpoint holds it) but nothing steps it."""
+    checkpointer = Checkpointer(checkpoint_dir(stage, tag))
+    meta = checkpointer.read_meta(step)
+    config = GPTConfig(**meta["model_config"])
+    tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
+    state, meta = checkpointer.restore(meta["step"], abstract_state)
+    checkpointer.close()
+    return graphdef, state, meta

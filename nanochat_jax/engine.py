@@ -339,12 +339,12 @@ class Engine:
         still reads its condition back every iteration)."""
         N, P = num_samples, len(tokens)
         M = max_tokens or self.max_len
-        first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed, cache_len=self.cache_len(P, M), static_mode=True)
+        window = self.cache_len(P, M)  # the cache is just long enough, so attention spans all of it
+        first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed, cache_len=window, static_mode=True)
         zeros, false = np.zeros(N, np.int32), np.zeros(N, bool)
         c = dict(k=k, v=v, candidate=first, pos=np.full(N, P, np.int32), step=np.int32(0),
                  out=np.zeros((N, M), np.int32), mask=np.zeros((N, M), bool), done=false, call=false, in_python=false,
                  forced=np.zeros((N, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
-        window = self.cache_len(P, M)
         while True:
             c = self._loop(self.state, c, seeds, rows, *knobs, window=window, mode=mode)
             call, step = np.asarray(c["call"]), int(c["step"])

@@ -22,13 +22,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import restore_run
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.model import GPT, GPTConfig, backend_settings
-from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
-from nanochat_jax.train import abstract_train_state
 
 
 STAGES = ("base", "mid", "sft", "rl")
@@ -53,14 +51,7 @@ def find_run(stage=None, tag=None):
 
 def restore_model(stage, tag, step=None, **model_kwargs):
     """(model, meta) from a training checkpoint: the params only, on one device."""
-    checkpointer = Checkpointer(checkpoint_dir(stage, tag))
-    meta = checkpointer.read_meta(step)
-    config = GPTConfig(**meta["model_config"])
-    mesh = make_mesh("data=1", devices=jax.devices()[:1])
-    tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
-    graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
-    state, meta = checkpointer.restore(meta["step"], abstract_state)
-    checkpointer.close()
+    graphdef, state, meta = restore_run(stage, tag, step, make_mesh("data=1", devices=jax.devices()[:1]), **model_kwargs)
     model, _ = nnx.merge(graphdef, state)
     return model, meta
 

@@ -92,10 +92,10 @@ class Scheduler:
             sizes.append(b)
             n *= 2
         zeros = np.zeros(self.slots, np.int32)
+        knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
         for size in sizes:
             _, k_row, v_row, *_ = self.engine._start([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
             self.k, self.v = self.engine._insert(self.k, self.v, k_row, v_row, 0)
-            knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
             _, self.k, self.v = self.engine._step(self.engine.state, zeros, self.k, self.v, zeros, zeros, zeros, zeros, *knobs, window=size)
 
     def _run(self):

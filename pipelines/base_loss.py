@@ -11,15 +11,14 @@ import jax
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.checkpoint import restore_run
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
 from nanochat_jax.model import GPTConfig, backend_settings
-from nanochat_jax.optim import build_optimizer
 from nanochat_jax.report import get_report
 from nanochat_jax.sharding import init_distributed, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import abstract_train_state, make_eval_step
+from nanochat_jax.train import make_eval_step
 
 parser = argparse.ArgumentParser(description="Train/val bpb and samples of a base checkpoint")
 parser.add_argument("--tag", type=str, default="d20", help="run directory under base_checkpoints")
@@ -33,14 +32,9 @@ args = parser.parse_args()
 init_distributed()
 print0 = print if jax.process_index() == 0 else (lambda *a, **k: None)
 mesh = make_mesh(args.mesh)
-checkpointer = Checkpointer(checkpoint_dir("base", args.tag))
-meta = checkpointer.read_meta(args.step)
+graphdef, state, meta = restore_run("base", args.tag, args.step, mesh, **backend_settings())
 config = GPTConfig(**meta["model_config"])
 T, rows = meta["max_seq_len"], (args.device_batch_size or meta["device_batch_size"]) * jax.local_device_count()
-model_kwargs = backend_settings()
-tx = build_optimizer(config.n_embd, num_iterations=None)  # only to shape the optimizer state in the checkpoint
-graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
-state, meta = checkpointer.restore(meta["step"], abstract_state)
 print0(f"base checkpoint {args.tag} step {meta['step']}: depth {config.n_layer}, width {config.n_embd}")
 
 tokenizer = get_tokenizer()
