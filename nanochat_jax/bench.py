@@ -18,17 +18,15 @@ import os
 import statistics
 import time
 
-# Let XLA take 90% of GPU memory instead of 75%: d20 at batch 32 needs it. Must precede JAX init.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from nanochat_jax.model import backend_settings, config_for_depth  # noqa: E402
-from nanochat_jax.optim import build_optimizer  # noqa: E402
-from nanochat_jax.sharding import global_batch, make_mesh  # noqa: E402
-from nanochat_jax.train import init_train_state, make_train_step  # noqa: E402
+from nanochat_jax import xla_env
+from nanochat_jax.model import backend_settings, config_for_depth
+from nanochat_jax.optim import build_optimizer
+from nanochat_jax.sharding import global_batch, make_mesh
+from nanochat_jax.train import init_train_state, make_train_step
 
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense, nanochat's MFU denominator
 
@@ -85,6 +83,79 @@ def bench_train(args):
     peak = stats.get("peak_bytes_in_use", 0) / 2**30
     print(f"compile {compile_s:.1f}s | step median {dt * 1000:.1f} ms (min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, "
           f"{len(times)} steps) | {tok_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | peak mem {peak:.1f} GiB | last loss {loss:.3f}")
+    if args.parts:
+        time_parts(graphdef, state, x, y)
+    if args.profile:
+        def one_step():
+            nonlocal state
+            state, metrics = compiled(state, x, y)
+            return metrics["loss"]
+        print_profile(one_step, args.profile)
+
+
+def median_time(f, n=5):
+    """Median wall time of f() over n calls after one warm-up call, each synced."""
+    jax.block_until_ready(f())
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_parts(graphdef, state, x, y):
+    """The step's two halves on their own: forward + backward of one micro-batch, and the optimizer update."""
+    from flax import nnx
+
+    @jax.jit
+    def grads(state, x, y):
+        model, _ = nnx.merge(graphdef, state)
+        return nnx.grad(lambda m: m(x, y))(model)
+
+    @jax.jit
+    def update(state, g):
+        model, optimizer = nnx.merge(graphdef, state)
+        optimizer.update(model, g)
+        return nnx.state(model, nnx.Param)  # the new params only: the old state stays valid for the next call
+
+    g = grads(state, x[0], y[0])
+    t_grad = median_time(lambda: grads(state, x[0], y[0]))
+    t_update = median_time(lambda: update(state, g))
+    print(f"parts: fwd+bwd {t_grad * 1000:.1f} ms | optimizer update {t_update * 1000:.1f} ms")
+
+
+# kernel name -> category, first match wins (cuBLAS/CUTLASS GEMMs, cuDNN attention, NCCL, XLA's own fusions)
+KERNEL_KINDS = [("attention", ("cudnn", "fmha", "flash", "sdpa")), ("nccl", ("nccl",)),
+                ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")), ("copy/memset", ("memcpy", "memset", "copy")),
+                ("triton", ("triton",)), ("fusion/other", ("",))]
+
+
+def print_profile(fn, out_dir, n=3):
+    """Trace n calls of fn and print the GPU time per kernel category and the top kernels, per call."""
+    import collections
+    import glob
+    jax.block_until_ready(fn())
+    with jax.profiler.trace(out_dir):
+        for _ in range(n):
+            jax.block_until_ready(fn())
+    data = jax.profiler.ProfileData.from_file(sorted(glob.glob(f"{out_dir}/**/*.xplane.pb", recursive=True))[-1])
+    kernels = collections.Counter()
+    for plane in data.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    for ev in line.events:
+                        kernels[ev.name] += ev.duration_ns / 1e6 / n
+    by_kind = collections.Counter()
+    for name, ms in kernels.items():
+        by_kind[next(kind for kind, keys in KERNEL_KINDS if any(k in name.lower() for k in keys))] += ms
+    total = sum(kernels.values())
+    print(f"profile: {total:.1f} ms of GPU kernels per step (trace in {out_dir})")
+    for kind, ms in by_kind.most_common():
+        print(f"  {kind:14s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+    for name, ms in kernels.most_common(15):
+        print(f"  {ms:8.2f} ms  {name[:110]}")
 
 
 def bench_data(args):
@@ -180,6 +251,8 @@ p.add_argument("--warmup", type=int, default=2, help="untimed steps after compil
 p.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4 (default: data over all devices)")
 p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (saves memory)")
 p.add_argument("--attn", type=str, default=None, choices=["cudnn", "xla"], help="attention backend (default: cudnn on GPU)")
+p.add_argument("--parts", action="store_true", help="also time fwd+bwd and the optimizer update on their own")
+p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 3 steps into DIR and print GPU time by kernel kind")
 
 p = sub.add_parser("data", help="pretraining loader throughput")
 p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: downloaded, else embedded)")
@@ -206,4 +279,6 @@ p.add_argument("--top-k", type=int, default=50, help="the chat default")
 
 if __name__ == "__main__":
     args = parser.parse_args()
+    if args.what != "data":
+        print(f"xla_env: {xla_env.configure()}")  # the launcher's flags, so the figures are the training run's
     {"train": bench_train, "data": bench_data, "decode": bench_decode}[args.what](args)

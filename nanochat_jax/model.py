@@ -4,7 +4,8 @@ The GPT of nanochat v1, in Flax NNX:
 - QK norm, and param-free RMSNorm everywhere (after the embedding, before each sublayer, at the end)
 - untied token embedding and lm_head, no biases
 - ReLU² MLP, group-query attention (n_kv_head <= n_head)
-- logits softcapped at 15 and computed in fp32; the loss never materialises all (B, T, V) logits
+- logits softcapped at 15 and computed in fp32; the loss never materialises all (B, T, V) logits,
+  and its backward is fused into the forward (cross_entropy_sum)
 
 Axis letters: B batch, T time, D model, H heads, K kv heads, Dh head dim, V vocab, F mlp hidden.
 Parameters are fp32; `dtype` is the compute dtype (bf16 on GPU, fp32 on CPU). Every parameter
@@ -12,12 +13,15 @@ carries logical axis names (`axes` metadata) that nanochat_jax.sharding maps ont
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nanochat_jax.sharding import constrain
+from jax.sharding import PartitionSpec as P
+
+from nanochat_jax.sharding import batch_mesh_axes, constrain
 
 
 @dataclass(frozen=True)
@@ -85,28 +89,90 @@ def softcap(logits, cap=15.0):
     return cap * jnp.tanh(logits / cap)
 
 
-def cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
-    """Per-token loss of softcapped fp32 logits, 0 where target == -1. h: (N, D), targets: (N,).
-    The logits are built chunk by chunk under jax.checkpoint, so at most (chunk, V) fp32 logits
-    exist at once, in the forward and in the backward pass."""
+def token_losses(z, targets):
+    """Per-token loss of the softcapped fp32 logits of lm_head outputs z (C, V); 0 where target == -1."""
+    logits = softcap(z.astype(jnp.float32))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(targets >= 0, lse - target_logit, 0.0)
+
+
+def _chunked(h, targets, vocab_size, chunk_tokens):
+    """h (N, D) and targets (N,) padded (target -1) and split into chunks of at most ~1 GiB of fp32 logits."""
     N, D = h.shape
-    V = lm_kernel.shape[1]
-    chunk = chunk_tokens or max(1, min(N, 2**28 // V))  # ~1 GiB of fp32 logits per chunk
+    chunk = chunk_tokens or max(1, min(N, 2**28 // vocab_size))
     n_chunks = -(-N // chunk)
     pad = n_chunks * chunk - N
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, D)
-    targets = jnp.pad(targets, (0, pad), constant_values=-1).reshape(n_chunks, chunk)
+    return (jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, D),
+            jnp.pad(targets, (0, pad), constant_values=-1).reshape(n_chunks, chunk))
 
-    @jax.checkpoint
-    def chunk_loss(args):
+
+def cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
+    """Per-token loss (N,) of h (N, D) against targets (N,), 0 where target == -1. The logits are built
+    chunk by chunk, so at most (chunk, V) of them exist at once. For evaluation: see cross_entropy_sum
+    for the loss that training differentiates."""
+    hs, ts = _chunked(h, targets, lm_kernel.shape[1], chunk_tokens)
+    w = lm_kernel.astype(h.dtype)
+    losses = jax.lax.map(lambda args: token_losses(args[0] @ w, args[1]), (hs, ts))
+    return losses.reshape(-1)[:h.shape[0]]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def cross_entropy_sum(h, lm_kernel, targets, chunk_tokens=None, device_axes=()):
+    """The summed loss of cross_entropy, with a fused backward: the forward pass of each chunk also takes
+    the gradients of its logits and pushes them through lm_head at once, so the (chunk, V) logits are
+    built once per step instead of twice (autodiff under jax.checkpoint rebuilt them in the backward),
+    and only dh (N, D) and d(lm_head) (D, V) are kept for the backward pass. A sum has one cotangent
+    for every token, which is what lets those gradients be taken before the cotangent is known.
+    device_axes: inside shard_map, the mesh axes over which h's rows are split; the loss and d(lm_head)
+    are then summed over them (each once)."""
+    return _psum(cross_entropy(h, lm_kernel, targets, chunk_tokens).sum(), device_axes)
+
+
+def _psum(x, axes):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _cross_entropy_sum_fwd(h, lm_kernel, targets, chunk_tokens, device_axes):
+    N, D = h.shape
+    hs, ts = _chunked(h, targets, lm_kernel.shape[1], chunk_tokens)
+    w = lm_kernel.astype(h.dtype)
+
+    def chunk_step(dw, args):
         hc, tc = args  # (C, D), (C,)
-        logits = softcap((hc @ lm_kernel.astype(hc.dtype)).astype(jnp.float32))  # (C, V)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0]
-        return jnp.where(tc >= 0, lse - target_logit, 0.0)
+        z = hc @ w  # (C, V) in the compute dtype, like torch autocast's lm_head output
+        loss, dz = jax.value_and_grad(lambda z: token_losses(z, tc).sum())(z)
+        dw = dw + jnp.einsum("cd,cv->dv", hc, dz, preferred_element_type=jnp.float32)
+        return dw, (loss, dz @ w.T)
 
-    losses = jax.lax.map(chunk_loss, (h, targets))  # (n_chunks, C)
-    return losses.reshape(-1)[:N]
+    # zeros of d(lm_head)'s shape made from h's (empty) rows: inside shard_map they then carry h's
+    # per-device type (the sum is over this device's rows), as the scan needs, on every JAX version
+    dw = jnp.einsum("cd,cv->dv", hs[0, :0], jnp.zeros((0, lm_kernel.shape[1]), h.dtype), preferred_element_type=jnp.float32)
+    dw, (losses, dh) = jax.lax.scan(chunk_step, dw, (hs, ts))
+    dw = _psum(dw, device_axes)  # the one all-reduce of the loss's weight gradient
+    return _psum(losses.sum(), device_axes), (dh.reshape(-1, D)[:N], dw.astype(lm_kernel.dtype))
+
+
+def _cross_entropy_sum_bwd(chunk_tokens, device_axes, residuals, g):
+    dh, dw = residuals
+    return (g * dh).astype(dh.dtype), g * dw, None  # targets are integers: no cotangent
+
+
+cross_entropy_sum.defvjp(_cross_entropy_sum_fwd, _cross_entropy_sum_bwd)
+
+
+def sharded_cross_entropy_sum(h, lm_kernel, targets):
+    """cross_entropy_sum with each device looping over the chunks of its own rows, under a mesh whose batch
+    axes shard h (N, D) and targets (N,). Left to GSPMD, the chunk loop's axis inherits the row sharding and
+    every device all-gathers h and computes every chunk (4x the loss work on 4 GPUs). Here each device
+    sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in batch_mesh_axes() if mesh.shape[a] > 1)
+    if not axes:
+        return cross_entropy_sum(h, lm_kernel, targets)
+    local = lambda h, w, t: cross_entropy_sum(h, w, t, None, axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes)), out_specs=P(),
+                         axis_names=set(axes))(h, lm_kernel, targets)
 
 
 # -----------------------------------------------------------------------------
@@ -255,10 +321,10 @@ class GPT(nnx.Module):
         if targets is None:
             return self.logits(h)
         B, T, D = h.shape
-        losses = cross_entropy(h.reshape(B * T, D), self.lm_head.kernel[...], targets.reshape(B * T))
+        h, targets = h.reshape(B * T, D), targets.reshape(B * T)
         if loss_reduction == "none":
-            return losses.reshape(B, T)
-        return losses.sum() / jnp.maximum((targets >= 0).sum(), 1)
+            return cross_entropy(h, self.lm_head.kernel[...], targets).reshape(B, T)
+        return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets) / jnp.maximum((targets >= 0).sum(), 1)
 
     def num_params(self):
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -61,6 +61,10 @@ def make_train_step(graphdef, state):
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
     def train_step(state, inputs, targets):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # so the model's sharding constraints apply
+            return _train_step(state, inputs, targets)
+
+    def _train_step(state, inputs, targets):
         model, optimizer = nnx.merge(graphdef, state)
         inputs, targets = (jax.lax.with_sharding_constraint(a, batch_sharding(mesh, ndim=3, batch_axis=1)) for a in (inputs, targets))
 

@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
+from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import restore_run
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
@@ -28,6 +29,7 @@ parser.add_argument("--device-batch-size", type=int, default=None, help="rows pe
 parser.add_argument("--data-dir", type=str, default=None)
 parser.add_argument("--mesh", type=str, default=None)
 args = parser.parse_args()
+xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
 
 init_distributed()
 print0 = print if jax.process_index() == 0 else (lambda *a, **k: None)

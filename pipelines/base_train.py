@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
+from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
@@ -73,6 +74,7 @@ tier = parser.parse_known_args()[0].tier
 if tier:
     parser.set_defaults(**importlib.import_module(f"configs.{tier}").base_train)  # explicit flags still win
 args = parser.parse_args()
+xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------

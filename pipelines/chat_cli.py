@@ -11,6 +11,7 @@ import argparse
 import secrets
 import sys
 
+from nanochat_jax import xla_env
 from nanochat_jax.engine import Engine
 from nanochat_jax.export import STAGES, load_model
 from nanochat_jax.tokenizer import TextStream
@@ -26,6 +27,7 @@ parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k fi
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="per reply")
 parser.add_argument("--seed", type=int, default=None, help="default: a different one every reply")
 args = parser.parse_args()
+xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
 
 model, tokenizer, description = load_model(args.checkpoint, args.source, args.tag, args.step)
 engine = Engine(model, tokenizer)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax.model import GPT, GPTConfig, config_for_depth, cross_entropy, softcap
+from nanochat_jax.model import GPT, GPTConfig, config_for_depth, cross_entropy, cross_entropy_sum, softcap
 
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -90,6 +90,25 @@ def test_chunked_loss_matches_plain_cross_entropy():
     g_plain = jax.grad(lambda h, w: plain(h, w).sum(), argnums=(0, 1))(h, w)
     for a, b in zip(g_chunked, g_plain):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_sum_matches_autodiff_in_value_and_gradient():
+    """cross_entropy_sum takes its gradients inside the forward pass; under a scaled sum (as a mean loss
+    gives) they equal autodiff of the plain chunked loss, in fp32 and with bf16 activations (where the
+    fused path sums the chunks' lm_head gradients in fp32, autodiff in bf16)."""
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        h = jax.random.normal(jax.random.key(3), (45, 16)).astype(dtype)
+        w = jax.random.normal(jax.random.key(4), (16, 70)) * 0.5
+        targets = jax.random.randint(jax.random.key(5), (45,), 0, 70).at[::4].set(-1)
+        fused = jax.jit(jax.value_and_grad(lambda h, w: 0.3 * cross_entropy_sum(h, w, targets, 8), argnums=(0, 1)))
+        plain = jax.jit(jax.value_and_grad(lambda h, w: 0.3 * cross_entropy(h, w, targets, 8).sum(), argnums=(0, 1)))
+        (loss_f, grads_f), (loss_p, grads_p) = fused(h, w), plain(h, w)
+        np.testing.assert_allclose(loss_f, loss_p, rtol=1e-6)
+        for a, b in zip(grads_f, grads_p):
+            assert a.dtype == b.dtype
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.linalg.norm(a - b) / np.linalg.norm(b) < tol
+        assert not np.any(np.asarray(grads_f[0], np.float32)[::4])  # ignored tokens get no gradient
 
 
 def test_mean_loss_ignores_masked_targets():

@@ -96,6 +96,19 @@ def test_newton_schulz_singular_values_land_near_one(shape, dtype):
     assert 0.5 < sv.min() and sv.max() < 1.5, (sv.min(), sv.max())
 
 
+@jax.default_matmul_precision("highest")
+def test_a_stack_of_matrices_is_orthogonalized_one_by_one():
+    """scale_by_muon runs NS on stacks of same-shaped matrices: each slice must come out as if alone,
+    with its own normalisation (here the scales differ by 1000x)."""
+    rng = np.random.default_rng(1)
+    G = jnp.asarray(rng.standard_normal((3, 48, 80)) * np.array([1e-3, 1.0, 1e2])[:, None, None], jnp.float32)
+    stacked = jax.jit(lambda G: newton_schulz(G, dtype=jnp.float32))(G)
+    for i in range(3):
+        assert rel_err(stacked[i], newton_schulz(G[i], dtype=jnp.float32)) < 1e-5
+    tall = jnp.swapaxes(G, 1, 2)  # tall matrices go through NS on their transpose
+    assert rel_err(newton_schulz(tall, dtype=jnp.float32), jnp.swapaxes(stacked, 1, 2)) < 1e-5
+
+
 def test_momentum_is_a_hyperparameter_not_a_recompile():
     """A momentum schedule must not retrace: μ injected as state (inject_hyperparams) or computed from the count."""
     g = random_grads(1, [(32, 48)])["w0"]

@@ -19,6 +19,7 @@ import uuid
 
 from flask import Flask, Response, jsonify, request, send_from_directory
 
+from nanochat_jax import xla_env
 from nanochat_jax.engine import Engine
 from nanochat_jax.scheduler import Scheduler
 from nanochat_jax.tokenizer import TextStream
@@ -244,6 +245,7 @@ if __name__ == "__main__":
     parser.add_argument("--slots", type=int, default=32, help="rows of the shared decode batch (concurrent generations)")
     parser.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead of at start-up")
     args = parser.parse_args()
+    xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
     app = build(args.checkpoint, args.source, args.tag, args.step, args.slots, not args.no_warmup,
                 temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     print(f"chat UI on http://{args.host}:{args.port}/")
