@@ -18,7 +18,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax.sharding import batch_mesh_axes, constrain
