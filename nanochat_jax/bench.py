@@ -223,12 +223,9 @@ def bench_decode(args):
             t0 = time.perf_counter()
             engine.generate_batch(prompt, num_samples=B, max_tokens=args.steps, **sampling)  # compiles
             compile_s = time.perf_counter() - t0
-            prefills, cache_len = [], engine.cache_len(len(prompt), args.steps)
-            for _ in range(3):  # generate_batch's prefill, alone
-                t0 = time.perf_counter()
-                jax.block_until_ready(engine._start(prompt, B, args.temperature, args.top_k, 1.0, 0, cache_len=cache_len, static_mode=True)[:3])
-                prefills.append(time.perf_counter() - t0)
-            prefill = statistics.median(prefills)
+            cache_len = engine.cache_len(len(prompt), args.steps)
+            prefill = median_time(lambda: engine._start(prompt, B, args.temperature, args.top_k, 1.0, 0,  # generate_batch's prefill, alone
+                                                        cache_len=cache_len, static_mode=True)[:3], n=3)
             t0 = time.perf_counter()
             results, _ = engine.generate_batch(prompt, num_samples=B, max_tokens=args.steps, **sampling)
             total = time.perf_counter() - t0

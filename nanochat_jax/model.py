@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax.sharding import batch_mesh_axes, constrain
+from nanochat_jax.sharding import RULES, constrain
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets):
     every device all-gathers h and computes every chunk (4x the loss work on 4 GPUs). Here each device
     sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up."""
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in batch_mesh_axes() if mesh.shape[a] > 1)
+    axes = () if mesh.empty else tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
     if not axes:
         return cross_entropy_sum(h, lm_kernel, targets)
     local = lambda h, w, t: cross_entropy_sum(h, w, t, None, axes)

@@ -58,11 +58,6 @@ def make_mesh(spec=None, devices=None):
                          axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def batch_mesh_axes():
-    """The mesh axes that split the batch."""
-    return RULES["batch"]
-
-
 def logical_spec(axes):
     return P(*(RULES.get(a) if a is not None else None for a in axes))
 
