@@ -104,15 +104,20 @@ def check_forward(data, meta, mesh, report):
 
 
 def check_generate(data, meta, report):
+    """`generated` is nanochat's Engine stream: it ends with the stop token (<|bos|> or <|assistant_end|>)
+    when greedy decoding reaches one, so it may be shorter than `naive`, which always runs n_new steps."""
     model = build_model(meta, tensors(data, "w/"))
     V = meta["config"]["vocab_size"]
-    stop_ids = {V - 9, V - 5}  # <|bos|> and <|assistant_end|>: specials are the last 9 ids
-    prompt, n = data["prompt"].tolist(), len(data["generated"])
-    naive = greedy_naive(model, [prompt], n, stop_ids)[0]
-    engine = Engine(model, Tokenizer.placeholder(V)).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
-    report.equal("generated (naive greedy)", np.array(naive, np.int32), data["generated"])
-    report.equal("generated (KV-cache engine)", np.array(engine, np.int32), data["generated"])
-    report.equal("reference naive == engine", data["naive"], data["generated"])
+    prompt, generated, n = data["prompt"].tolist(), data["generated"], len(data["naive"])
+    naive = greedy_naive(model, [prompt], n)[0]  # no stop ids: the full n steps, as the reference's naive
+    engine = Engine(model, Tokenizer.placeholder(V))
+    streamed = [column[0] for column, _ in engine.generate(prompt, max_tokens=n, temperature=0.0)]
+    batch = engine.generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]  # the same tokens, stop token left off
+    stopped = streamed[-1] in engine.stop_ids
+    report.equal("generated (naive greedy)", np.array(naive[:len(generated)], np.int32), generated)
+    report.equal("generated (KV-cache engine)", np.array(streamed, np.int32), generated)
+    report.equal("engine generate_batch", np.array(batch, np.int32), np.array(streamed[:-1] if stopped else streamed, np.int32))
+    report.equal("reference naive == engine", data["naive"][:len(generated)], generated)
 
 
 def check_train(data, meta, mesh, report):

@@ -23,22 +23,28 @@ def batch(shape, seed=0):
     return tokens[..., :-1], tokens[..., 1:]
 
 
-def params_after_one_step(mesh, x, y):
-    graphdef, state = init_train_state(CONFIG, optax.adamw(1e-2), mesh)
+def update_of_one_step(mesh, x, y):
+    """(loss, per-tensor parameter change) of one plain SGD step: its update is -lr * gradient, linear in
+    the gradient, so it compares gradients themselves. (An Adam step turns a near-zero gradient into about
+    lr * sign(g), which float rounding decides and which differs between CPUs.)"""
+    graphdef, state = init_train_state(CONFIG, optax.sgd(1.0), mesh)
+    before = [np.array(p) for p in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))]
     state, metrics = make_train_step(graphdef, state)(state, *(global_batch(a, mesh, batch_axis=1) for a in (x, y)))
     model, _ = nnx.merge(graphdef, state)
-    return float(metrics["loss"]), jax.tree.leaves(nnx.state(model, nnx.Param))
+    after = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return float(metrics["loss"]), [np.asarray(a) - b for a, b in zip(after, before)]
 
 
 def test_gradient_accumulation_equals_one_big_batch(mesh):
-    """2 micro-batches of 2 rows give the same step as 1 batch of 4 rows (each micro-batch has the
+    """2 micro-batches of 2 rows give the same gradient as 1 batch of 4 rows (each micro-batch has the
     same number of target tokens, so the mean of means is the mean)."""
     x, y = batch((1, 4))
-    loss_big, params_big = params_after_one_step(mesh, x, y)
-    loss_acc, params_acc = params_after_one_step(mesh, x.reshape(2, 2, -1), y.reshape(2, 2, -1))
+    loss_big, update_big = update_of_one_step(mesh, x, y)
+    loss_acc, update_acc = update_of_one_step(mesh, x.reshape(2, 2, -1), y.reshape(2, 2, -1))
     assert loss_acc == pytest.approx(loss_big, rel=1e-6)
-    for a, b in zip(params_big, params_acc):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert sum(np.linalg.norm(a) > 0 for a in update_big) >= 3  # embedding, lm_head, output projections (the rest starts at 0)
+    for a, b in zip(update_big, update_acc):
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)  # fp32 summation order only
 
 
 def test_step_donates_state_and_schedules_never_recompile(mesh):
