@@ -210,14 +210,17 @@ class Engine:
         max_len 2048 would otherwise allocate, and fill at prefill, 27 GB of cache for d20)."""
         return self.bucket(min(self.max_len, prompt_len + max_tokens))
 
-    def _prefill_fn(self, state, padded, length, seeds, rows, *knobs, cache_len=None, mode=None):
-        """Run one prompt padded to (1, bucket); return the first sampled token of each of the N rows
-        (N = len(seeds)) and the prompt's cache (cache_len positions, default max_len) repeated to N rows."""
+    def _prefill_fn(self, state, padded, lengths, seeds, rows, *knobs, cache_len=None, mode=None):
+        """Run n prompts, right-padded to (n, bucket) and `lengths` (n,) long; return the first sampled token of
+        each of the R = n·N rows (len(seeds), N samples of each prompt, prompt-major) and the prompts' caches
+        (cache_len positions, default max_len) repeated to R rows. What the padding writes into a row's cache
+        lies beyond its prompt: decoding overwrites it before any query may attend to it."""
         model = self.model(state)
-        k, v = self.new_cache(1, cache_len)
-        h, k, v = model.decode(padded, k, v, jnp.zeros((1,), jnp.int32), window=padded.shape[1], transposed=self.TRANSPOSED)
-        N = seeds.shape[0]
-        logits = jnp.repeat(model.logits(h[:, length - 1]), N, axis=0)  # each row draws its own first token
+        n = padded.shape[0]
+        k, v = self.new_cache(n, cache_len)
+        h, k, v = model.decode(padded, k, v, jnp.zeros((n,), jnp.int32), window=padded.shape[1], transposed=self.TRANSPOSED)
+        N = seeds.shape[0] // n
+        logits = jnp.repeat(model.logits(h[jnp.arange(n), lengths - 1]), N, axis=0)  # each row draws its own first token
         first = sample_next(logits, row_keys(seeds, rows, jnp.zeros_like(rows)), *knobs, mode=mode)
         return first, jnp.repeat(k, N, axis=1), jnp.repeat(v, N, axis=1)
 
@@ -233,49 +236,64 @@ class Engine:
         return put(k, k_row), put(v, v_row)
 
     def _loop_fn(self, state, c, seeds, rows, *knobs, window, mode=None):
-        """Decode on the device until every row stopped, max_tokens (the width of c["out"]), a full cache,
-        or a row closing a calculator call, which the host must answer. Each iteration takes the pending
-        candidate (or a forced token), records it, and feeds it to sample the next candidate."""
+        """Decode on the device until every row stopped, max_tokens (the width of c["out"]), a row closing a
+        calculator call, which the host must answer, or a row reaching the attention window, which the host
+        then widens. Each iteration takes every live row's pending candidate (or a forced token), records it,
+        and feeds it to sample the next candidate. A row is done at a stop token or once the cache is full
+        (the token that would go past its last position is recorded, never fed); done rows stand still."""
         model = self.model(state)
         last = c["k"].shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
         stop_a, stop_b = sorted(self.stop_ids)
 
         def cond(c):
-            return (c["step"] < c["out"].shape[1]) & ~jnp.all(c["done"]) & ~jnp.any(c["call"]) & (c["pos"][0] <= self.max_len)
+            live = ~c["done"]
+            too_far = jnp.any(live & (c["pos"] >= window)) & (window <= last)  # a wider window would serve it
+            return (c["step"] < c["out"].shape[1]) & jnp.any(live) & ~jnp.any(c["call"]) & ~too_far
 
         def body(c):
-            s, idx = c["step"], jnp.minimum(c["n_used"], self.FORCED - 1)
+            s, live = c["step"], ~c["done"]
+            idx = jnp.minimum(c["n_used"], self.FORCED - 1)
             is_forced = c["n_used"] < c["n_forced"]
             token = jnp.where(is_forced, jnp.take_along_axis(c["forced"], idx[:, None], axis=1)[:, 0], c["candidate"])
-            ended = (token == py_end) & c["in_python"]
-            # at a full cache (pos == max_len) this writes the last position again; the loop then ends and the cache is dropped
+            ended = (token == py_end) & c["in_python"] & live
+            # a done row, or one past a full cache, rewrites a position nothing will read again
             h, k, v = model.decode(token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], last), window, transposed=self.TRANSPOSED)
             candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, jnp.full_like(rows, s + 1)), *knobs, mode=mode)
-            return dict(c, k=k, v=v, candidate=candidate, pos=c["pos"] + 1, step=s + 1, n_used=c["n_used"] + is_forced,
-                        out=c["out"].at[:, s].set(token), mask=c["mask"].at[:, s].set(~is_forced),
-                        done=c["done"] | (token == stop_a) | (token == stop_b), call=ended,
-                        in_python=jnp.where(token == py_start, True, c["in_python"] & ~ended))
+            n = c["n_out"]
+            out = c["out"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, token, c["out"][jnp.arange(n.shape[0]), n]))
+            return dict(c, k=k, v=v, candidate=jnp.where(live, candidate, c["candidate"]), step=s + 1,
+                        pos=c["pos"] + live, n_out=n + live, n_used=c["n_used"] + (is_forced & live), out=out,
+                        mask=c["mask"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, ~is_forced, False)),
+                        done=c["done"] | (live & ((token == stop_a) | (token == stop_b) | (c["pos"] > last))), call=ended,
+                        in_python=jnp.where(live & (token == py_start), True, c["in_python"] & ~ended))
 
         return jax.lax.while_loop(cond, body, c)
 
     # --- generation
 
     def _start(self, tokens, num_samples, temperature, top_k, top_p, seed, cache_len=None, static_mode=False):
-        """Prefill a prompt for num_samples rows: (first tokens, k, v, seeds, rows, knobs, mode), the caches
-        of cache_len positions (default max_len), seeds, rows and knobs already on the device. static_mode:
-        compile the sampling path these knobs need (mode) rather than choose it on the device (mode None)."""
-        P = len(tokens)
-        if not 0 < P < self.max_len:
-            raise ValueError(f"prompt of {P} tokens does not fit the KV cache of {self.max_len} positions (at least one must stay free)")
-        padded = np.zeros((1, self.bucket(P)), np.int32)
-        padded[0, :P] = tokens
-        N = num_samples
-        seeds, rows = np.full(N, seed, np.int32), np.arange(N, dtype=np.int32)
-        knobs = (np.full(N, temperature, np.float32), np.full(N, top_k, np.int32), np.full(N, top_p, np.float32))
+        """Prefill one prompt for num_samples rows (see _start_many)."""
+        return self._start_many([tokens], num_samples, temperature, top_k, top_p, seed, cache_len, static_mode)
+
+    def _start_many(self, prompts, num_samples, temperature, top_k, top_p, seed, cache_len=None, static_mode=False):
+        """Prefill prompts for num_samples rows each: (first tokens, k, v, seeds, rows, knobs, mode), the caches
+        of cache_len positions (default max_len), seeds, rows and knobs already on the device. Row i·N + j is
+        sample j of prompt i, keyed (seed, j): the same draws as that prompt decoded alone. static_mode: compile
+        the sampling path these knobs need (mode) rather than choose it on the device (mode None)."""
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        for P in lengths:
+            if not 0 < P < self.max_len:
+                raise ValueError(f"prompt of {P} tokens does not fit the KV cache of {self.max_len} positions (at least one must stay free)")
+        padded = np.zeros((len(prompts), self.bucket(lengths.max())), np.int32)
+        for i, p in enumerate(prompts):
+            padded[i, :len(p)] = p
+        R = len(prompts) * num_samples
+        seeds, rows = np.full(R, seed, np.int32), np.tile(np.arange(num_samples, dtype=np.int32), len(prompts))
+        knobs = (np.full(R, temperature, np.float32), np.full(R, top_k, np.int32), np.full(R, top_p, np.float32))
         mode = sampling_mode(*knobs) if static_mode else None
         seeds, rows, *knobs = jax.device_put((seeds, rows, *knobs), self.device)  # sent once, not with every step
-        first, k, v = self._prefill(self.state, padded, P, seeds, rows, *knobs, cache_len=cache_len, mode=mode)
+        first, k, v = self._prefill(self.state, padded, lengths, seeds, rows, *knobs, cache_len=cache_len, mode=mode)
         return first, k, v, seeds, rows, tuple(knobs), mode
 
     def next_token(self, row, sampled):
@@ -334,39 +352,67 @@ class Engine:
             candidates = following
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
-        """The finished samples (prompt and stop token excluded) and their masks, decoded on the device:
-        the same tokens as collecting generate(), without a host round trip per token (the while loop
+        """The finished samples of one prompt (prompt and stop token excluded) and their masks, decoded on the
+        device: the same tokens as collecting generate(), without a host round trip per token (the while loop
         still reads its condition back every iteration)."""
-        N, P = num_samples, len(tokens)
-        M = max_tokens or self.max_len
-        window = self.cache_len(P, M)  # the cache is just long enough, so attention spans all of it
-        first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed, cache_len=window, static_mode=True)
-        zeros, false = np.zeros(N, np.int32), np.zeros(N, bool)
-        c = dict(k=k, v=v, candidate=first, pos=np.full(N, P, np.int32), step=np.int32(0),
-                 out=np.zeros((N, M), np.int32), mask=np.zeros((N, M), bool), done=false, call=false, in_python=false,
-                 forced=np.zeros((N, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
+        results, masks = self.generate_many([tokens], num_samples, max_tokens, temperature, top_k, top_p, seed)
+        return results[0], masks[0]
+
+    def generate_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42, batch_size=None):
+        """generate_batch for many prompts at once: results[i][j] and masks[i][j] are sample j of prompt i, the
+        same tokens prompt i gets alone. Prompts are sorted by length and decoded batch_size rows (default: all
+        of them) at a time, every batch padded to the same number of prompts, so few shapes compile."""
+        N, M = num_samples, max_tokens or self.max_len
+        per_batch = max(1, min(len(prompts), (batch_size or len(prompts) * N) // N))  # prompts per batch
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results, masks = [None] * len(prompts), [None] * len(prompts)
+        for b in range(0, len(prompts), per_batch):
+            chunk = order[b:b + per_batch]
+            batch = [prompts[i] for i in chunk]
+            batch += [batch[0]] * (per_batch - len(batch))  # filler rows (dropped) keep the shapes fixed
+            out, mask = self._decode_rows(batch, N, M, temperature, top_k, top_p, seed)
+            for j, i in enumerate(chunk):
+                results[i], masks[i] = out[j * N:(j + 1) * N], mask[j * N:(j + 1) * N]
+        return results, masks
+
+    def _decode_rows(self, prompts, N, M, temperature, top_k, top_p, seed):
+        """Decode N samples of each prompt as one batch on the device loop; (tokens, masks) per row."""
+        cache_len = self.cache_len(max(len(p) for p in prompts), M)  # long enough for every row's max_tokens
+        first, k, v, seeds, rows, knobs, mode = self._start_many(prompts, N, temperature, top_k, top_p, seed,
+                                                                 cache_len=cache_len, static_mode=True)
+        R = len(prompts) * N
+        pos = np.repeat([len(p) for p in prompts], N).astype(np.int32)
+        zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)
+        c = dict(k=k, v=v, candidate=first, pos=pos, step=np.int32(0), n_out=zeros,
+                 out=np.zeros((R, M), np.int32), mask=np.zeros((R, M), bool), done=false, call=false, in_python=false,
+                 forced=np.zeros((R, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
+        window = self.bucket(int(pos.max()) + 1)  # widened as rows reach it: attention reads what is filled
         while True:
             c = self._loop(self.state, c, seeds, rows, *knobs, window=window, mode=mode)
-            call, step = np.asarray(c["call"]), int(c["step"])
-            if not call.any() or step == M or int(c["pos"][0]) > self.max_len:
+            call, done, step = np.asarray(c["call"]), np.asarray(c["done"]), int(c["step"])
+            if done.all() or step == M:
                 break
+            live_pos = np.asarray(c["pos"])[~done]
+            if not call.any():  # a row reached the window
+                window = self.bucket(int(live_pos.max()) + 1)
+                continue
             # answer the calculator calls on the host, then resume the device loop where it stopped;
             # rows that did not call keep whatever forced tokens they have left
-            out = np.asarray(c["out"])
+            out, n_out = np.asarray(c["out"]), np.asarray(c["n_out"])
             forced, n_forced, n_used = (np.array(c[name]) for name in ("forced", "n_forced", "n_used"))
             for i in np.flatnonzero(call):
-                before_end = list(out[i, :step - 1])  # the call's <|python_end|> sits at step - 1
+                before_end = list(out[i, :n_out[i] - 1])  # the call's <|python_end|> is the row's last token
                 start = len(before_end) - 1 - before_end[::-1].index(self.python[0])  # its <|python_start|>
                 extra = self.tool_output(before_end[start + 1:])
                 if len(extra) > self.FORCED:
                     raise RuntimeError(f"calculator output of {len(extra)} tokens exceeds the engine's {self.FORCED}")
                 forced[i, :len(extra)], n_forced[i], n_used[i] = extra, len(extra), 0
             c = dict(c, forced=forced, n_forced=n_forced, n_used=n_used, call=false)
-        out, mask, step = np.asarray(c["out"]), np.asarray(c["mask"]), int(c["step"])
+        out, mask, n_out = np.asarray(c["out"]), np.asarray(c["mask"]), np.asarray(c["n_out"])
         results, masks = [], []
-        for i in range(N):
-            tokens_i = list(out[i, :step])
-            end = next((j for j, t in enumerate(tokens_i) if t in self.stop_ids), step)
-            results.append([int(t) for t in tokens_i[:end]])
-            masks.append([int(m) for m in mask[i, :end]])
+        for i in range(R):
+            tokens_i = out[i, :n_out[i]].tolist()
+            end = next((j for j, t in enumerate(tokens_i) if t in self.stop_ids), len(tokens_i))
+            results.append(tokens_i[:end])
+            masks.append(mask[i, :end].astype(int).tolist())
         return results, masks

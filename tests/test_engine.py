@@ -104,6 +104,19 @@ def test_full_cache_stops_instead_of_overwriting(engine):
         next(engine.generate([256] * 64, max_tokens=5))
 
 
+def test_many_prompts_decode_together_as_each_alone(engine):
+    """generate_many: prompts of different lengths, several samples each, in batches of rows, give each
+    prompt exactly what generate_batch gives it alone (rows are keyed per prompt and sample, not per batch
+    slot). The longest prompt fills its cache before max_tokens and stops there on its own."""
+    prompts = [PROMPT, PROMPT[:3], [256] + [97] * 55, PROMPT[:7] + [101, 102]]
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=7)):
+        alone = [engine.generate_batch(p, num_samples=2, max_tokens=20, **kwargs) for p in prompts]
+        for batch_size in (None, 4):  # all 8 rows at once; 2 prompts per batch (the last batch padded)
+            results, masks = engine.generate_many(prompts, num_samples=2, max_tokens=20, batch_size=batch_size, **kwargs)
+            assert results == [r for r, _ in alone] and masks == [m for _, m in alone], (kwargs, batch_size)
+    assert all(len(r) <= 64 - 56 + 1 for r in alone[2][0])  # positions 56..63, then one token never fed
+
+
 def test_top_p_keeps_the_smallest_set_with_enough_mass():
     """Nucleus and top-k on a known distribution: only allowed tokens ever come out."""
     from nanochat_jax.engine import row_keys, sample_next
@@ -198,6 +211,9 @@ def test_calculator_result_is_forced_into_the_stream(tool_engine):
     assert forced == list(range(len(expected) - 4, len(expected)))  # <|output_start|> 4 2 <|output_end|>, none sampled
     host, _ = zip(*tool_engine.generate(TOOL_PROMPT, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0))
     assert [c[0] for c in host][:len(results[0])] == results[0]  # device loop and host loop agree after the call
+    # beside prompts that never call it, each row gets its own calculator answer
+    many, many_masks = tool_engine.generate_many([PROMPT, TOOL_PROMPT, PROMPT[:4], TOOL_PROMPT], max_tokens=len(TOOL_REPLY) + 4, temperature=0.0)
+    assert many[1] == many[3] == [results[0]] and many_masks[1] == [masks[0]]
 
 
 def test_a_failed_calculation_forces_nothing(tool_engine):
