@@ -58,17 +58,20 @@ def restore_model(stage, tag, step=None, **model_kwargs):
 
 def export(stage, tag, out, dtype="bfloat16", step=None):
     model, meta = restore_model(stage, tag, step)
-    config = model.config
-    params = jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return save_export(model, get_tokenizer(), out, dtype, {"stage": stage, "tag": tag, "step": meta["step"]})
 
+
+def save_export(model, tokenizer, out, dtype="bfloat16", source=None):
+    """Write model's params, tokenizer and config as an export directory; source says where it came from."""
+    params = jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tmp = out.rstrip("/") + ".tmp"  # written whole, then renamed: a crash never leaves half an export at `out`
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with ocp.StandardCheckpointer() as saver:
         saver.save(os.path.join(os.path.abspath(tmp), "params"), params)
-    shutil.copytree(os.path.join(get_base_dir(), "tokenizer"), os.path.join(tmp, "tokenizer"))
+    tokenizer.save(os.path.join(tmp, "tokenizer"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({"model_config": config.__dict__, "dtype": dtype, "source": {"stage": stage, "tag": tag, "step": meta["step"]}}, f, indent=2)
+        json.dump({"model_config": model.config.__dict__, "dtype": dtype, "source": source or {"stage": "?", "tag": "?", "step": 0}}, f, indent=2)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)

@@ -1,0 +1,96 @@
+"""Chat evals on a tiny GPT that has memorised the answers to a few real problems: three ARC-Easy
+questions (categorical) and two SpellingBee problems, whose answers call the calculator (generative).
+The memorised ones must score, the others must not, whether batched or one by one, and the
+`pipelines.chat_eval` command must report the same."""
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from evals.chat_eval import TASKS, chatcore, run_categorical, run_generative
+from nanochat_jax.engine import Engine
+from nanochat_jax.model import GPT, GPTConfig
+from nanochat_jax.tasks.arc import ARC
+from nanochat_jax.tasks.spellingbee import SpellingBee
+from nanochat_jax.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS_DIR = os.path.join(REPO, "..", "shared", "data", "tasks")
+pytestmark = pytest.mark.skipif(not os.path.isdir(TASKS_DIR), reason="no ../shared/data/tasks beside the checkout")
+BYTES = Tokenizer([bytes([b]) for b in range(256)])  # the answer letters are single tokens
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return ARC("ARC-Easy", "test", tasks_dir=TASKS_DIR), SpellingBee(size=8, split="test")
+
+
+@pytest.fixture(scope="module")
+def model(tasks):
+    """Trained on the first 3 ARC-Easy and the first 2 SpellingBee problems with their answers."""
+    arc, bee = tasks
+    rows = [BYTES.render_conversation(c) for c in [arc[i] for i in range(3)] + [bee[i] for i in range(2)]]
+    T = max(len(ids) for ids, _ in rows)
+    ids = jnp.asarray([i + [0] * (T - len(i)) for i, _ in rows], jnp.int32)
+    targets = jnp.asarray([[t if m else -1 for t, m in zip(i[1:], mask[1:])] + [-1] * (T - len(i)) for i, mask in rows], jnp.int32)
+    model = GPT(GPTConfig(sequence_len=1024, vocab_size=272, n_layer=2, n_head=4, n_kv_head=2, n_embd=96), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(ids[:, :-1], targets))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(300):
+        loss = train_step(model, optimizer)
+    assert float(loss) < 0.01, float(loss)  # it has memorised every answer token
+    return model
+
+
+def test_categorical_scores_the_memorised_letters(model, tasks):
+    """The argmax over the letters at the prompt's end is the trained answer; batched equals one by one."""
+    arc, _ = tasks
+    flags = run_categorical(model, BYTES, arc, range(3), batch_tokens=4096)
+    assert flags == [1, 1, 1]
+    alone = [run_categorical(model, BYTES, arc, [i], batch_tokens=512)[0] for i in range(3)]
+    assert alone == flags
+
+
+def test_generative_decodes_together_and_the_calculator_answers(model, tasks):
+    """The memorised SpellingBee answers come out word for word, their python call answered by the
+    calculator; problems the model never saw fail. All five decode together, three rows a batch."""
+    _, bee = tasks
+    flags, completions = run_generative(Engine(model, BYTES), BYTES, bee, range(5), max_new_tokens=400, batch_size=3)
+    assert flags[:2] == [1, 1] and sum(flags[2:]) == 0
+    for i in range(2):
+        ids, _ = BYTES.render_conversation(bee[i])
+        reply = ids[len(BYTES.render_for_completion(bee[i])):-1]  # the trained answer, up to <|assistant_end|>
+        assert completions[i][0] == BYTES.decode(reply)  # tool call, forced output and all
+
+
+def test_chatcore_needs_all_six_tasks():
+    accuracies = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.1, "HumanEval": 0.0, "SpellingBee": 0.5}
+    assert chatcore(accuracies) == pytest.approx((1 / 3 + 0 + 0 + 0.1 + 0 + 0.5) / 6)
+    del accuracies["SpellingBee"]
+    assert chatcore(accuracies) is None
+    assert [TASKS[n][1] for n in TASKS] == [0.25, 0.25, 0.25, 0.0, 0.0, 0.0]
+
+
+def test_the_command_reports_each_task(model, tmp_path):
+    """python -m pipelines.chat_eval on an export of the model: the accuracies land in the report."""
+    from nanochat_jax.export import save_export
+    export = save_export(model, BYTES, str(tmp_path / "export"), dtype="float32", source={"stage": "sft", "tag": "t", "step": 300})
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(tmp_path / "home"))
+    result = subprocess.run([sys.executable, "-m", "pipelines.chat_eval", "--checkpoint", export, "-a", "ARC-Easy,SpellingBee",
+                             "-x", "3", "-m", "400", "--tasks-dir", TASKS_DIR], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ARC-Easy       accuracy 1.0000 (3/3)" in result.stdout
+    assert "SpellingBee    accuracy 0.6667 (2/3)" in result.stdout
+    report = open(tmp_path / "home" / "report" / "chat-evaluation-export.md").read()
+    assert "- ARC-Easy: 1.0000" in report and "| SpellingBee | 0.6667 | 3 |" in report
