@@ -12,6 +12,10 @@ data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for 
 decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size, for the
 host loop (Engine.generate, streaming) and the device loop (Engine.generate_batch, one lax.while_loop).
 python -m nanochat_jax.bench decode --depth 20 --batch-sizes 1,8,32,128 --loop both
+evals: the full CORE bundle and the full ChatCORE (all six tasks, every problem) on random weights, timed per
+task, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer. Random weights never stop early, so every generative
+problem decodes all --max-new-tokens: the slowest case.
+python -m nanochat_jax.bench evals --depth 20 --eval-bundle ../shared/data/eval_bundle.zip --tasks-dir ../shared/data/tasks
 """
 import argparse
 import os
@@ -235,6 +239,33 @@ def bench_decode(args):
                    f" | {steps} tokens/row in {total * 1000:.1f} ms; TTFT = prefill alone, step = (total - prefill) / steps, first call (compiles) {compile_s:.1f}s")
 
 
+def bench_evals(args):
+    from flax import nnx
+    from evals.chat_eval import evaluate_chat
+    from evals.core import evaluate_core
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.model import GPT
+    from nanochat_jax.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    config = config_for_depth(args.depth, vocab_size=max(args.vocab_size, tokenizer.get_vocab_size()))
+    model = GPT(config, **backend_settings(), rngs=nnx.Rngs(0))
+    print(f"{jax.devices()[0].device_kind}: d{args.depth} random weights, vocab {config.vocab_size:,} "
+          f"(tokenizer {tokenizer.get_vocab_size():,}), {model.num_params():,} params")
+    totals = {}
+    if "core" in args.what_evals:
+        t0 = time.perf_counter()
+        out = evaluate_core(model, tokenizer, args.eval_bundle, max_per_task=args.max_per_task)
+        totals["CORE"] = time.perf_counter() - t0
+        print(f"CORE {out['core']:.4f} over {sum(out['examples'].values()):,} examples in {totals['CORE']:.1f}s")
+    if "chat" in args.what_evals:
+        t0 = time.perf_counter()
+        out = evaluate_chat(model, Engine(model, tokenizer), tokenizer, max_problems=args.max_problems, tasks_dir=args.tasks_dir,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        totals["ChatCORE"] = time.perf_counter() - t0
+        print(f"ChatCORE {out['ChatCORE']} over {sum(out['problems'].values()):,} problems in {totals['ChatCORE']:.1f}s")
+    print("totals (compiles included): " + ", ".join(f"{k} {v:.1f}s" for k, v in totals.items()))
+
+
 parser = argparse.ArgumentParser(description="nanochat_jax benchmarks")
 sub = parser.add_subparsers(dest="what", required=True)
 p = sub.add_parser("train", help="full train step at a given depth")
@@ -274,8 +305,19 @@ p.add_argument("--loop", type=str, default="both", choices=["host", "device", "b
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=50, help="the chat default")
 
+p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")
+p.add_argument("--depth", type=int, default=20)
+p.add_argument("--vocab-size", type=int, default=65536, help="model vocabulary (at least the tokenizer's)")
+p.add_argument("--what-evals", type=str, default="core,chat", help="core, chat or both")
+p.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: downloaded)")
+p.add_argument("--max-per-task", type=int, default=-1)
+p.add_argument("--tasks-dir", type=str, default=None, help="chat task data (default: the hub)")
+p.add_argument("--max-problems", type=int, default=None)
+p.add_argument("--max-new-tokens", type=int, default=512)
+p.add_argument("--batch-size", type=int, default=256, help="rows decoded together")
+
 if __name__ == "__main__":
     args = parser.parse_args()
     if args.what != "data":
         print(f"xla_env: {xla_env.configure()}")  # the launcher's flags, so the figures are the training run's
-    {"train": bench_train, "data": bench_data, "decode": bench_decode}[args.what](args)
+    {"train": bench_train, "data": bench_data, "decode": bench_decode, "evals": bench_evals}[args.what](args)

@@ -29,6 +29,7 @@ SECTIONS = {
     "Base model training": "BASE",
     "Base model loss": "BASE",
     "Base model evaluation": "BASE",
+    "Chat evaluation base": "BASE",
     "Midtraining": "MID",
     "Chat evaluation mid": "MID",
     "Chat SFT": "SFT",
@@ -37,7 +38,7 @@ SECTIONS = {
     "Chat evaluation rl": "RL",
 }
 COLUMNS = ["BASE", "MID", "SFT", "RL"]
-METRICS = ["val_bpb", "min_val_bpb", "train_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+METRICS = ["val_bpb", "min_val_bpb", "train_bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"]
 VERSIONS = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tiktoken", "numpy"]
 CODE_EXTS = (".py", ".rs", ".html", ".md", ".toml")
 
