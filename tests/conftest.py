@@ -27,6 +27,29 @@ def randomize(model, seed=1, scale=0.3):
     return model
 
 
+def memorise(model, tokenizer, conversations, steps, lr):
+    """Train model in place with Adam on the conversations' trained tokens (render mask 1), one batch of
+    all of them, for `steps` steps; returns the final loss."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    rows = [tokenizer.render_conversation(c) for c in conversations]
+    T = max(len(ids) for ids, _ in rows)
+    ids = jnp.asarray([i + [0] * (T - len(i)) for i, _ in rows], jnp.int32)
+    targets = jnp.asarray([[t if m else -1 for t, m in zip(i[1:], mask[1:])] + [-1] * (T - len(i)) for i, mask in rows], jnp.int32)
+    optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(ids[:, :-1], targets))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(steps):
+        loss = train_step(model, optimizer)
+    return float(loss)
+
+
 # -----------------------------------------------------------------------------
 # A real chat server for the web tests: a tiny GPT trained to answer two prompts, saved as a training
 # checkpoint, exported with `python -m nanochat_jax.export`, then served by `python -m web.server`.
@@ -46,8 +69,6 @@ CHAT_REPLIES = {"Hi": "Hello! 👋 你好", "Tell me a story": "la " * 70}  # th
 
 @pytest.fixture(scope="session")
 def chat_export(tmp_path_factory):
-    import jax.numpy as jnp
-    import optax
     from flax import nnx
     from nanochat_jax.checkpoint import Checkpointer
     from nanochat_jax.dataloader import make_loader
@@ -66,22 +87,9 @@ def chat_export(tmp_path_factory):
     graphdef, state = init_train_state(config, build_optimizer(config.n_embd, num_iterations=None), make_mesh("data=1", devices=jax.devices()[:1]))
     model, train_optimizer = nnx.merge(graphdef, state)
 
-    rows = [tokenizer.render_conversation({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-            for q, a in CHAT_REPLIES.items()]
-    T = max(len(ids) for ids, _ in rows)
-    ids = jnp.asarray([i + [0] * (T - len(i)) for i, _ in rows], jnp.int32)
-    targets = jnp.asarray([[t if m else -1 for t, m in zip(i[1:], mask[1:])] + [-1] * (T - len(i)) for i, mask in rows], jnp.int32)
-    optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: m(ids[:, :-1], targets))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    for _ in range(250):
-        loss = train_step(model, optimizer)
-    assert float(loss) < 0.05, float(loss)
+    conversations = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHAT_REPLIES.items()]
+    loss = memorise(model, tokenizer, conversations, steps=250, lr=3e-3)
+    assert loss < 0.05, loss
 
     data = str(root / "data")
     write_shards([f"doc {i}" for i in range(30)], data, docs_per_shard=10, num_val_docs=5)

@@ -6,12 +6,10 @@ import os
 import subprocess
 import sys
 
-import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 from flax import nnx
 
+from conftest import memorise
 from evals.chat_eval import TASKS, chatcore, run_categorical, run_generative
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT, GPTConfig
@@ -39,22 +37,9 @@ def tasks():
 def model(tasks):
     """Trained on the chosen ARC-Easy and SpellingBee problems with their answers (the answer tokens only)."""
     arc, bee, arc_seen, bee_seen = tasks
-    rows = [BYTES.render_conversation(c) for c in [arc[i] for i in arc_seen] + [bee[i] for i in bee_seen]]
-    T = max(len(ids) for ids, _ in rows)
-    ids = jnp.asarray([i + [0] * (T - len(i)) for i, _ in rows], jnp.int32)
-    targets = jnp.asarray([[t if m else -1 for t, m in zip(i[1:], mask[1:])] + [-1] * (T - len(i)) for i, mask in rows], jnp.int32)
     model = GPT(GPTConfig(sequence_len=1024, vocab_size=272, n_layer=2, n_head=2, n_kv_head=2, n_embd=64), rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def train_step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: m(ids[:, :-1], targets))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    for _ in range(150):
-        loss = train_step(model, optimizer)
-    assert float(loss) < 0.01, float(loss)  # it has memorised every answer token
+    loss = memorise(model, BYTES, [arc[i] for i in arc_seen] + [bee[i] for i in bee_seen], steps=150, lr=1e-2)
+    assert loss < 0.01, loss  # it has memorised every answer token
     return model
 
 
