@@ -247,10 +247,9 @@ def bench_evals(args):
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
-    config = config_for_depth(args.depth, vocab_size=max(args.vocab_size, tokenizer.get_vocab_size()))
+    config = config_for_depth(args.depth, vocab_size=tokenizer.get_vocab_size())  # a larger vocab would sample ids it cannot decode
     model = GPT(config, **backend_settings(), rngs=nnx.Rngs(0))
-    print(f"{jax.devices()[0].device_kind}: d{args.depth} random weights, vocab {config.vocab_size:,} "
-          f"(tokenizer {tokenizer.get_vocab_size():,}), {model.num_params():,} params")
+    print(f"{jax.devices()[0].device_kind}: d{args.depth} random weights, vocab {config.vocab_size:,}, {model.num_params():,} params")
     totals = {}
     if "core" in args.what_evals:
         t0 = time.perf_counter()
@@ -307,7 +306,6 @@ p.add_argument("--top-k", type=int, default=50, help="the chat default")
 
 p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")
 p.add_argument("--depth", type=int, default=20)
-p.add_argument("--vocab-size", type=int, default=65536, help="model vocabulary (at least the tokenizer's)")
 p.add_argument("--what-evals", type=str, default="core,chat", help="core, chat or both")
 p.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: downloaded)")
 p.add_argument("--max-per-task", type=int, default=-1)
