@@ -13,8 +13,8 @@ decode: the KV-cache engine: time to first token, per-step latency, tokens/s and
 host loop (Engine.generate, streaming) and the device loop (Engine.generate_batch, one lax.while_loop).
 python -m nanochat_jax.bench decode --depth 20 --batch-sizes 1,8,32,128 --loop both
 evals: the full CORE bundle and the full ChatCORE (all six tasks, every problem) on random weights, timed per
-task, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer. Random weights never stop early, so every generative
-problem decodes all --max-new-tokens: the slowest case.
+task, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer. Compiles are included. (With nanochat's init every
+row decodes the same greedy chain, so decode times say little about a trained model's.)
 python -m nanochat_jax.bench evals --depth 20 --eval-bundle ../shared/data/eval_bundle.zip --tasks-dir ../shared/data/tasks
 """
 import argparse
