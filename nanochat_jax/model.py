@@ -116,6 +116,29 @@ def cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
     return losses.reshape(-1)[:h.shape[0]]
 
 
+def cross_entropy_and_hits(h, lm_kernel, targets, max_logits=2**28):
+    """Per-token loss (B, T) of hidden states h (B, T, D) against targets (B, T) (0 where the target is -1),
+    and whether the argmax of the same logits is the target: what CORE's scoring needs. The logits are
+    built a chunk of T at a time (at most max_logits of them at once, never (B, T, V)); each chunk keeps
+    all B rows, so under a mesh every device computes only its own rows."""
+    B, T, D = h.shape
+    c = T
+    while c % 2 == 0 and B * c * lm_kernel.shape[1] > max_logits:
+        c //= 2
+    w = lm_kernel.astype(h.dtype)
+
+    def chunk(args):
+        hc, tc = args  # (B, c, D), (B, c)
+        logits = softcap((hc @ w).astype(jnp.float32))
+        target_logit = jnp.take_along_axis(logits, jnp.maximum(tc, 0)[..., None], axis=-1)[..., 0]
+        loss = jnp.where(tc >= 0, jax.nn.logsumexp(logits, axis=-1) - target_logit, 0.0)
+        return loss, jnp.argmax(logits, axis=-1) == tc
+
+    split = lambda x: jnp.swapaxes(x.reshape(B, T // c, c, *x.shape[2:]), 0, 1)  # (T / c, B, c, ...)
+    losses, hits = jax.lax.map(chunk, (split(h), split(targets)))
+    return jnp.swapaxes(losses, 0, 1).reshape(B, T), jnp.swapaxes(hits, 0, 1).reshape(B, T)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def cross_entropy_sum(h, lm_kernel, targets, chunk_tokens=None, device_axes=()):
     """The summed loss of cross_entropy, with a fused backward: the forward pass of each chunk also takes
@@ -247,6 +270,29 @@ class CausalSelfAttention(nnx.Module):
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
         return dense(self.c_proj, y.reshape(B, T, self.n_head * self.head_dim), transposed), (k_cache, v_cache)
 
+    def with_suffixes(self, xp, cos_p, sin_p, xs, cos_s, sin_s, mask):
+        """Attention for prefixes xp (B, P, D), causal as in __call__ (the same kernel), and for suffix tokens
+        xs (B, S, D) that attend over the prefix's keys and their own as mask (B, S, P + S) allows.
+        Returns both outputs (after c_proj)."""
+        (B, P, _), S = xp.shape, xs.shape[1]
+
+        def qkv(x, cos, sin):
+            T = x.shape[1]
+            q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)
+            k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)
+            v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
+            q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+            return (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
+
+        qp, kp, vp = qkv(xp, cos_p, sin_p)
+        yp = jax.nn.dot_product_attention(qp, kp, vp, is_causal=True, implementation=self.attn_impl)
+        qs, ks, vs = qkv(xs, cos_s, sin_s)
+        # few queries against P + S keys under an arbitrary mask: the plain XLA path, as decoding does
+        keys, values = jnp.concatenate([kp, ks], axis=1), jnp.concatenate([vp, vs], axis=1)
+        ys = jax.nn.dot_product_attention(qs, keys, values, mask=mask[:, None], implementation="xla")
+        return (self.c_proj(yp.reshape(B, P, self.n_head * self.head_dim)),
+                self.c_proj(ys.reshape(B, S, self.n_head * self.head_dim)))
+
 
 class MLP(nnx.Module):
     def __init__(self, config, *, rngs):
@@ -308,6 +354,44 @@ class GPT(nnx.Module):
             h = jnp.square(jax.nn.relu(dense(block.mlp.c_fc, norm(x), transposed)))  # MLP.__call__
             x = constrain(x + dense(block.mlp.c_proj, h, transposed), "batch", None, None)
         return norm(x), k_cache, v_cache
+
+    def features_shared_prefix(self, prefix, prefix_len, suffix, suffix_pos, suffix_seg, scan_layers=False):
+        """Final normed hidden states of several sequences per row that share a prefix, with the prefix run
+        once: row b holds the prefix prefix[b, :prefix_len[b]] (padded to P) and, packed one after another in
+        suffix (B, S), the continuations that follow it; suffix_seg (B, S) numbers the continuation each token
+        belongs to (>= 0; each one contiguous and in order; -1 = padding) and suffix_pos (B, S) is its position
+        in its own sequence (prefix_len[b] + its index in the continuation). A suffix token sees the prefix and
+        the earlier tokens of its own continuation, which is exactly what it sees in the one sequence
+        prefix + continuation, so its state is that sequence's (to rounding). The prefix takes the causal
+        kernel of the training path; the suffix tokens, which are few, a masked XLA attention over P + S keys.
+        scan_layers (static): run the blocks as one lax.scan over their stacked params, the same maths compiled
+        once instead of once per layer (a d20 program compiles several times faster).
+        Returns (prefix states (B, P, D), suffix states (B, S, D))."""
+        B, P = prefix.shape
+        S = suffix.shape[1]
+        cos_p, sin_p = rotary_tables(jnp.arange(P)[None, :], self.config.head_dim)
+        cos_s, sin_s = rotary_tables(suffix_pos, self.config.head_dim)
+        sees_prefix = jnp.arange(P)[None, None, :] < prefix_len[:, None, None]  # (B, 1, P)
+        same = (suffix_seg[:, :, None] == suffix_seg[:, None, :]) & (suffix_seg[:, :, None] >= 0)
+        earlier = jnp.arange(S)[:, None] >= jnp.arange(S)[None, :]  # (S, S): key index <= query index
+        sees_suffix = (same & earlier[None]) | jnp.eye(S, dtype=bool)[None]  # padding sees itself: no empty softmax
+        mask = jnp.concatenate([sees_prefix & (suffix_seg >= 0)[:, :, None], sees_suffix], axis=-1)  # (B, S, P + S)
+        embed = lambda ids: constrain(norm(self.wte.embedding[...][ids].astype(self.dtype)), "batch", None, None)
+
+        def layer(block, xp, xs):  # Block.__call__ on both parts
+            yp, ys = block.attn.with_suffixes(norm(xp), cos_p, sin_p, norm(xs), cos_s, sin_s, mask)
+            xp, xs = xp + yp, xs + ys
+            return constrain(xp + block.mlp(norm(xp)), "batch", None, None), constrain(xs + block.mlp(norm(xs)), "batch", None, None)
+
+        xp, xs = embed(prefix), embed(suffix)
+        if scan_layers:
+            block_def = nnx.graphdef(self.blocks[0])
+            stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *[nnx.state(block) for block in self.blocks])
+            (xp, xs), _ = jax.lax.scan(lambda x, params: (layer(nnx.merge(block_def, params), *x), None), (xp, xs), stacked)
+        else:
+            for block in self.blocks:
+                xp, xs = layer(block, xp, xs)
+        return norm(xp), norm(xs)
 
     def logits(self, h):
         """Softcapped fp32 logits (..., V) of final hidden states (..., D)."""

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
+from evals.core import Bundle, default_bundle, evaluate_core
 from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.dataloader import make_loader
@@ -57,6 +58,10 @@ parser.add_argument("--remat", action="store_true", help="recompute blocks in th
 parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288, help="val tokens per eval")
 parser.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: only at the end)")
+parser.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals, and one at the end (-1: off)")
+parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="items per CORE task (-1: all)")
+parser.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: $NANOCHAT_JAX_HOME/eval_bundle, "
+                    "downloaded; if that fails, CORE is left out)")
 # Checkpoints
 parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -134,6 +139,15 @@ tx = build_optimizer(config.n_embd, num_iterations, matrix_lr=args.matrix_lr, em
 train_loader = make_loader(tokenizer, local_rows, T, "train", args.data_dir, mode=args.packing,
                            process_index=jax.process_index(), process_count=jax.process_count())
 checkpointer = Checkpointer(run_dir, keep=args.keep)
+core_bundle = None
+if args.core_metric_every > 0:
+    if args.eval_bundle:
+        core_bundle = Bundle(args.eval_bundle)  # given: it must be a bundle
+    else:
+        try:
+            core_bundle = Bundle(default_bundle())
+        except FileNotFoundError as e:  # no network, say: the run goes on without CORE
+            print0(f"CORE metric off: {e}")
 metrics_path = os.path.join(run_dir, "metrics.jsonl")
 
 step, loop = 0, {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
@@ -172,6 +186,12 @@ def eval_bpb():
     return evaluate_bpb(eval_step, state, val_loader, steps, token_bytes, mesh)
 
 
+def core_metric():
+    """CORE of the current state on --core-metric-max-per-task items per task (evals/core.py)."""
+    out = evaluate_core((graphdef, state), tokenizer, core_bundle, max_per_task=args.core_metric_max_per_task, mesh=mesh, log=print0)
+    return out["core"]
+
+
 def samples():
     return sample_completions(lambda ids: forward(state, ids), tokenizer)
 
@@ -196,6 +216,10 @@ while True:
         loop["val_bpb"] = eval_bpb()
         loop["min_val_bpb"] = min(loop["min_val_bpb"], loop["val_bpb"])
         print0(f"step {step:05d} | val bpb {loop['val_bpb']:.4f}")
+    core_evaluated = core_bundle is not None and (last or (step > 0 and every(args.core_metric_every)))
+    if core_evaluated:
+        loop["core_metric"] = core_metric()
+        print0(f"step {step:05d} | CORE metric {loop['core_metric']:.4f}")
     if last or every(args.sample_every):
         for line in samples():  # on every process: the forward pass is one program over the whole mesh
             print0(f"  sample: {line!r}")
@@ -204,7 +228,8 @@ while True:
     if last or step == args.max_steps:
         if master and last:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, "val_bpb": loop["val_bpb"]}) + "\n")
+                last_row = {"step": step, "val_bpb": loop["val_bpb"], **({"core_metric": loop["core_metric"]} if core_evaluated else {})}
+                f.write(json.dumps(last_row) + "\n")
         break
 
     # ------------------------------------------------------------------- one step
@@ -236,6 +261,8 @@ while True:
     row = {"step": step, "loss": loss, "lrm": lrm, "momentum": muon_momentum(step), "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu}
     if evaluated:
         row["val_bpb"] = loop["val_bpb"]
+    if core_evaluated:
+        row["core_metric"] = loop["core_metric"]
     if master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -256,4 +283,5 @@ if master and step == num_iterations:
         "Number of parameters": num_params, "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
         "Number of training tokens": num_iterations * args.total_batch_size, "DDP world size": n_dev,
         "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
+        **({"CORE metric estimate": loop["core_metric"]} if "core_metric" in loop else {}),
     }, "![training curves](base_train_curves.png)"])
