@@ -27,8 +27,8 @@ bundle at d20):
   path; the rests attend to its keys and to their own earlier tokens (GPT.features_shared_prefix):
   exactly what they see in the whole sequences, so the losses are the same to rounding. The bundle is
   then 54M tokens instead of 157M (10-shot hellaswag: 27%). share_prefix=False runs every sequence
-  whole (GPT.features), for comparison. The blocks run as one lax.scan: a d20 program compiles in
-  seconds, not ~10 s;
+  whole (GPT.features), for comparison. The blocks run as one lax.scan, compiled once rather than
+  once per layer (unrolled, a d20 program took ~10 s to compile on an H200);
 - trees are padded (with <|bos|>) to a few fixed shapes: prefix and rest lengths rounded up to the
   buckets below, rows per batch = batch_tokens // length (fewer for a small group). merge_shapes then
   joins shapes while a compile would cost more than the extra padding, counting programs already
@@ -416,8 +416,8 @@ def pack(trees, Tp, Ts, B, pad_id):
 def score_batch(graphdef, params, batch, *, rows, share_prefix, mesh=None):
     """Per sequence of each row: the summed loss over its scored tokens, their count, and how many of
     them the argmax misses; (B, rows) each, replicated, with the rows' keys.
-    share_prefix: the prefix once and the continuations against its keys (GPT.features_shared_prefix);
-    otherwise each row is one whole sequence (prefix + its scored rest) through GPT.features."""
+    share_prefix: the prefix once and the rests against its keys (GPT.features_shared_prefix); otherwise
+    each row is one whole sequence (prefix + its scored rest) through GPT.features."""
     # under the mesh, so that the model's sharding constraints apply
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
         model = nnx.merge(graphdef, params)

@@ -364,8 +364,8 @@ class GPT(nnx.Module):
         the earlier tokens of its own continuation, which is exactly what it sees in the one sequence
         prefix + continuation, so its state is that sequence's (to rounding). The prefix takes the causal
         kernel of the training path; the suffix tokens, which are few, a masked XLA attention over P + S keys.
-        scan_layers (static): run the blocks as one lax.scan over their stacked params, the same maths compiled
-        once instead of once per layer (a d20 program compiles several times faster).
+        scan_layers (static): run the blocks as one lax.scan over their stacked params: the same maths, compiled
+        once instead of once per layer (unrolled, a d20 program took ~10 s to compile on an H200).
         Returns (prefix states (B, P, D), suffix states (B, S, D))."""
         B, P = prefix.shape
         S = suffix.shape[1]
