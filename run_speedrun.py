@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-# Stages in pipeline order. Mid, SFT, RL and the chat evals join this list as they land.
-STAGES = ["data", "tok_train", "tok_eval", "base_train", "base_loss"]
+# Stages in pipeline order. Mid, SFT, RL and their chat evals join this list as they land.
+STAGES = ["data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval"]
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
 
 
@@ -27,14 +27,17 @@ def done(stage, config):
     base = base_dir()
     if stage == "data":
         return args.data_dir is not None or (config.data.get("embedded") and os.path.isdir(os.path.join(base, "base_data_sotu")))
+    if stage == "eval_bundle":  # CORE's tasks, for base_train's CORE metric and base_eval
+        return args.eval_bundle is not None or os.path.isfile(os.path.join(base, "eval_bundle", "core.yaml"))
     section = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",
-               "base_train": "base-model-training", "base_loss": "base-model-loss"}
+               "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation"}
     return os.path.isfile(os.path.join(base, "report", section[stage] + ".md"))
 
 
 parser = argparse.ArgumentParser(description="Run the nanochat_jax pipeline for one tier")
 parser.add_argument("--tier", type=str, default="tiny", choices=["tiny", "d20", "d26", "d32"], help="configs/<tier>.py")
 parser.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: the embedded corpus)")
+parser.add_argument("--eval-bundle", type=str, default=None, help="CORE eval bundle, a zip or directory (default: downloaded, except on the offline tiny tier)")
 parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
 args = parser.parse_args()
 config = importlib.import_module(f"configs.{args.tier}")
@@ -46,8 +49,12 @@ def stage_command(stage):
         flags["data_dir"] = args.data_dir
     if stage == "base_train":
         flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k in ("data_dir",)}}
-    if stage == "base_loss":
+    if stage in ("base_loss", "base_eval"):
         flags["tag"] = base_tag(config)
+    if stage in ("base_train", "base_eval") and args.eval_bundle:
+        flags["eval_bundle"] = os.path.abspath(args.eval_bundle)
+    if stage == "eval_bundle":
+        return [sys.executable, "-m", "pipelines.base_eval", "--download-only"]
     if stage == "base_train" and os.path.isdir(os.path.join(base_dir(), "base_checkpoints", base_tag(config))):
         flags["resume"] = True  # an interrupted run continues from its latest checkpoint
     module = "nanochat_jax.dataset" if stage == "data" else f"pipelines.{stage}"
@@ -57,12 +64,21 @@ def stage_command(stage):
     return cmd
 
 
+def unavailable(stage, config):
+    """Why a stage cannot run here, or None. The tiny tier runs offline: it never downloads the CORE
+    bundle, so without --eval-bundle (or a bundle downloaded before) its base_eval is left out."""
+    if stage in ("eval_bundle", "base_eval") and config.data.get("embedded") and not done("eval_bundle", config):
+        return ("no CORE eval bundle, and the tiny tier downloads nothing: pass --eval-bundle PATH (a bundle zip or directory), "
+                "or fetch nanochat's once with python -m pipelines.base_eval --download-only")
+    return None
+
+
 def base_dir():
     from nanochat_jax.common import get_base_dir
     return get_base_dir()
 
 
-t_start = time.time()
+t_start, left_out = time.time(), []
 if not args.dry_run:
     from nanochat_jax.report import get_report
     if not any(done(stage, config) for stage in STAGES):
@@ -71,6 +87,10 @@ for stage in STAGES:
     cmd = stage_command(stage)
     if done(stage, config):
         print(f"\n=== {stage}: already done, skipping (delete its report section to redo it)", flush=True)
+        continue
+    if (why := unavailable(stage, config)):
+        print(f"\n=== {stage}: left out: {why}", flush=True)
+        left_out.append(stage)
         continue
     print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
     if args.dry_run:
@@ -82,4 +102,4 @@ for stage in STAGES:
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
 if not args.dry_run:
     print(f"\nreport card: {get_report().generate()}")
-print(f"\nall stages done in {time.time() - t_start:.1f}s")
+print(f"\nall stages done in {time.time() - t_start:.1f}s" + (f" (left out: {', '.join(left_out)})" if left_out else ""))

@@ -19,9 +19,10 @@ import numpy as np
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
-from evals.core import Bundle, default_bundle, evaluate_core
+from evals.core import BUNDLE_DIR_NAME, Bundle, evaluate_core
 from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
+from nanochat_jax.common import get_base_dir
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
 from nanochat_jax.model import GPT, backend_settings, config_for_depth
@@ -60,8 +61,8 @@ parser.add_argument("--eval-tokens", type=int, default=20 * 524_288, help="val t
 parser.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: only at the end)")
 parser.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals, and one at the end (-1: off)")
 parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="items per CORE task (-1: all)")
-parser.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: $NANOCHAT_JAX_HOME/eval_bundle, "
-                    "downloaded; if that fails, CORE is left out)")
+parser.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: $NANOCHAT_JAX_HOME/eval_bundle "
+                    "if downloaded before, else CORE is left out)")
 # Checkpoints
 parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
 parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
@@ -141,13 +142,12 @@ train_loader = make_loader(tokenizer, local_rows, T, "train", args.data_dir, mod
 checkpointer = Checkpointer(run_dir, keep=args.keep)
 core_bundle = None
 if args.core_metric_every > 0:
-    if args.eval_bundle:
-        core_bundle = Bundle(args.eval_bundle)  # given: it must be a bundle
+    # training never downloads it (a network wait, or a failure, mid-run): a given bundle or a cached one
+    cached = os.path.join(get_base_dir(), BUNDLE_DIR_NAME)
+    if args.eval_bundle or os.path.isfile(os.path.join(cached, "core.yaml")):
+        core_bundle = Bundle(args.eval_bundle or cached)  # it must then be a bundle
     else:
-        try:
-            core_bundle = Bundle(default_bundle())
-        except FileNotFoundError as e:  # no network, say: the run goes on without CORE
-            print0(f"CORE metric off: {e}")
+        print0(f"CORE metric off: no eval bundle in {cached}; pass --eval-bundle PATH or run python -m pipelines.base_eval --download-only")
 metrics_path = os.path.join(run_dir, "metrics.jsonl")
 
 step, loop = 0, {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}

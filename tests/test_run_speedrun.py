@@ -7,6 +7,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(REPO, "..", "shared", "data", "eval_bundle.zip")  # CORE-offline; a user's machine has none
 
 
 def run(*args, home):
@@ -28,9 +29,11 @@ def test_dry_run_shows_each_stage_with_its_tier_flags(tmp_path):
 @pytest.mark.slow
 def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, monkeypatch):
     """The README's main command: every stage runs, val bpb clearly falls, the report card is written;
-    run again, every stage is found done and skipped."""
+    run again, every stage is found done and skipped. With the shared CORE-offline bundle base_eval runs
+    too; without one, the offline tier leaves it out and says why."""
     monkeypatch.chdir(tmp_path)
-    result = run("--tier=tiny", home=tmp_path / "home")
+    bundle = ["--eval-bundle", BUNDLE] if os.path.isfile(BUNDLE) else []
+    result = run("--tier=tiny", *bundle, home=tmp_path / "home")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "all stages done" in result.stdout
     rows = [json.loads(line) for line in open(tmp_path / "home" / "base_checkpoints" / "d4" / "metrics.jsonl")]
@@ -39,5 +42,10 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     report = open(tmp_path / "home" / "report" / "report.md").read()
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training", "## Base model loss", "## Summary"):
         assert section in report
-    again = run("--tier=tiny", home=tmp_path / "home")
-    assert again.returncode == 0 and again.stdout.count("already done, skipping") == 5
+    if bundle:
+        assert "## Base model evaluation" in report and "CORE-offline" in report
+        assert "| CORE |" in report  # the summary table's row
+    else:
+        assert "=== base_eval: left out: no CORE eval bundle" in result.stdout
+    again = run("--tier=tiny", *bundle, home=tmp_path / "home")
+    assert again.returncode == 0 and again.stdout.count("already done, skipping") == 5 + 2 * bool(bundle)  # + eval_bundle, base_eval
