@@ -16,6 +16,7 @@ import time
 # Stages in pipeline order. Mid, SFT, RL and their chat evals join this list as they land.
 STAGES = ["data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval"]
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
+INPUT_STAGES = {"data", "eval_bundle"}  # stages that fetch inputs and write no report section
 
 
 def base_tag(config):
@@ -66,7 +67,7 @@ def stage_command(stage):
 
 def unavailable(stage, config):
     """Why a stage cannot run here, or None. The tiny tier runs offline: it never downloads the CORE
-    bundle, so without --eval-bundle (or a bundle downloaded before) its base_eval is left out."""
+    bundle, so without --eval-bundle (or a bundle downloaded before) eval_bundle and base_eval are left out."""
     if stage in ("eval_bundle", "base_eval") and config.data.get("embedded") and not done("eval_bundle", config):
         return ("no CORE eval bundle, and the tiny tier downloads nothing: pass --eval-bundle PATH (a bundle zip or directory), "
                 "or fetch nanochat's once with python -m pipelines.base_eval --download-only")
@@ -81,8 +82,10 @@ def base_dir():
 t_start, left_out = time.time(), []
 if not args.dry_run:
     from nanochat_jax.report import get_report
-    if not any(done(stage, config) for stage in STAGES):
-        get_report().reset()  # a fresh run: new header (date, commit, hardware)
+    # a fresh run (no stage has written its report section yet): new header (date, commit, hardware).
+    # data and eval_bundle count as done when given on the command line, so they say nothing about that
+    if not any(done(stage, config) for stage in STAGES if stage not in INPUT_STAGES):
+        get_report().reset()
 for stage in STAGES:
     cmd = stage_command(stage)
     if done(stage, config):

@@ -40,6 +40,7 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     bpb = [r["val_bpb"] for r in rows if "val_bpb" in r]
     assert bpb[-1] < 0.7 * bpb[0], bpb
     report = open(tmp_path / "home" / "report" / "report.md").read()
+    assert "Run started:" in report  # the header: a fresh run resets the report even with inputs given
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training", "## Base model loss", "## Summary"):
         assert section in report
     if bundle:
