@@ -13,10 +13,13 @@ import subprocess
 import sys
 import time
 
-# Stages in pipeline order. Mid, SFT, RL and their chat evals join this list as they land.
-STAGES = ["data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval"]
+# Stages in pipeline order. RL and its chat eval join this list when they land.
+STAGES = ["data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval",
+          "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft"]
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
 INPUT_STAGES = {"data", "eval_bundle"}  # stages that fetch inputs and write no report section
+TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft"}  # stage -> its checkpoints' stage name
+CHAT_STAGES = {"mid_train", "chat_sft", "chat_eval_mid", "chat_eval_sft"}  # stages that read the chat tasks
 
 
 def base_tag(config):
@@ -31,7 +34,9 @@ def done(stage, config):
     if stage == "eval_bundle":  # CORE's tasks, for base_train's CORE metric and base_eval
         return args.eval_bundle is not None or os.path.isfile(os.path.join(base, "eval_bundle", "core.yaml"))
     section = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",
-               "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation"}
+               "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation",
+               "mid_train": "midtraining", "chat_eval_mid": "chat-evaluation-mid", "chat_sft": "chat-sft",
+               "chat_eval_sft": "chat-evaluation-sft"}
     return os.path.isfile(os.path.join(base, "report", section[stage] + ".md"))
 
 
@@ -39,30 +44,41 @@ parser = argparse.ArgumentParser(description="Run the nanochat_jax pipeline for 
 parser.add_argument("--tier", type=str, default="tiny", choices=["tiny", "d20", "d26", "d32"], help="configs/<tier>.py")
 parser.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: the embedded corpus)")
 parser.add_argument("--eval-bundle", type=str, default=None, help="CORE eval bundle, a zip or directory (default: downloaded, except on the offline tiny tier)")
+parser.add_argument("--tasks-dir", type=str, default=None, help="local chat task data (gzip JSON lines) for mid, SFT and the chat evals")
 parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
 args = parser.parse_args()
 config = importlib.import_module(f"configs.{args.tier}")
 
 
 def stage_command(stage):
-    flags = dict(getattr(config, stage, {}))
+    flags = dict(getattr(config, stage.removesuffix("_mid").removesuffix("_sft"), {}))  # chat_eval_mid, _sft: chat_eval's
+    if stage.startswith("chat_eval"):
+        flags["source"] = stage.rsplit("_", 1)[1]
+    if stage in CHAT_STAGES and args.tasks_dir:
+        flags["tasks_dir"] = os.path.abspath(args.tasks_dir)
     if stage in DATA_STAGES and args.data_dir:
         flags["data_dir"] = args.data_dir
     if stage == "base_train":
         flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k in ("data_dir",)}}
-    if stage in ("base_loss", "base_eval"):
+    if stage in ("base_loss", "base_eval", "mid_train", "chat_sft") or stage.startswith("chat_eval"):
         flags["tag"] = base_tag(config)
     if stage in ("base_train", "base_eval") and args.eval_bundle:
         flags["eval_bundle"] = os.path.abspath(args.eval_bundle)
     if stage == "eval_bundle":
         return [sys.executable, "-m", "pipelines.base_eval", "--download-only"]
-    if stage == "base_train" and os.path.isdir(os.path.join(base_dir(), "base_checkpoints", base_tag(config))):
+    if stage in TRAINING and has_checkpoint(TRAINING[stage]):
         flags["resume"] = True  # an interrupted run continues from its latest checkpoint
-    module = "nanochat_jax.dataset" if stage == "data" else f"pipelines.{stage}"
+    module = {"data": "nanochat_jax.dataset", "chat_eval_mid": "pipelines.chat_eval", "chat_eval_sft": "pipelines.chat_eval"}.get(stage, f"pipelines.{stage}")
     cmd = [sys.executable, "-m", module]
     for key, value in flags.items():
         cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     return cmd
+
+
+def has_checkpoint(stage):
+    """Has an interrupted run of this training stage left a checkpoint (orbax names each by its step)?"""
+    run_dir = os.path.join(base_dir(), f"{stage}_checkpoints", base_tag(config))
+    return os.path.isdir(run_dir) and any(name.isdigit() for name in os.listdir(run_dir))
 
 
 def unavailable(stage, config):

@@ -8,8 +8,14 @@ Chat evals (nanochat v1 chat_eval), batched:
   time; a problem passes if any sample does. HumanEval's programs run in parallel in the sandbox.
 - ChatCORE = the mean over the six tasks of (acc - baseline) / (1 - baseline), baseline 0.25 for the
   multiple-choice tasks and 0 for the generative ones; only reported when all six ran.
+- self checks, on prompts no training mixture holds (nanochat_jax/tasks/identity_heldout.json): the share of
+  50 general prompts whose greedy reply ends with <|assistant_end|> within 128 tokens, and of 20 paraphrased
+  questions about the model whose reply names the project.
 One process, one device: the engine decodes on the first device (see Engine).
 """
+import json
+import os
+import re
 import time
 
 import jax
@@ -32,6 +38,8 @@ TASKS = {
     "HumanEval": (lambda tasks_dir: HumanEval(tasks_dir=tasks_dir), 0.0),
     "SpellingBee": (lambda tasks_dir: SpellingBee(size=256, split="test"), 0.0),
 }
+HELDOUT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat_jax", "tasks", "identity_heldout.json")
+PROJECT_NAME = re.compile(r"nanochat[ _-]?jax", re.IGNORECASE)
 LENGTH_BUCKETS = [64, 128, 256, 512, 1024, 2048, 4096]  # padded prompt lengths of the categorical batches
 
 
@@ -135,3 +143,20 @@ def evaluate_chat(model, engine, tokenizer, task_names=tuple(TASKS), max_problem
         log(f"{name:14s} accuracy {out['results'][name]:.4f} ({int(flags.sum())}/{n}) in {out['timings'][name]:.1f}s")
     out["ChatCORE"] = chatcore(out["results"])
     return out
+
+
+def self_checks(engine, tokenizer, max_new_tokens=128, batch_size=256):
+    """{"stops": share of the general prompts answered with <|assistant_end|> within max_new_tokens, "names_itself":
+    share of the identity questions whose reply names nanochat_jax}, plus a few (prompt, reply) pairs to read."""
+    with open(HELDOUT_PATH, encoding="utf-8") as f:
+        heldout = json.load(f)
+    texts = heldout["general"] + heldout["identity"]
+    prompts = [tokenizer.render_for_completion({"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": ""}]})
+               for t in texts]
+    results, _ = engine.generate_many(prompts, max_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    replies = [samples[0] for samples in results]  # the stop token is not included: shorter than the limit = it stopped
+    general, identity = replies[:len(heldout["general"])], replies[len(heldout["general"]):]
+    out = {"stops": float(np.mean([len(r) < max_new_tokens for r in general])),
+           "names_itself": float(np.mean([bool(PROJECT_NAME.search(tokenizer.decode(r))) for r in identity]))}
+    examples = [(t, tokenizer.decode(r)) for t, r in zip(heldout["general"][:3] + heldout["identity"][:3], general[:3] + identity[:3])]
+    return out, examples

@@ -19,7 +19,7 @@ from flax import nnx
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.model import GPTConfig
 from nanochat_jax.optim import build_optimizer
-from nanochat_jax.train import abstract_train_state
+from nanochat_jax.train import abstract_train_state, shard_state
 
 
 class CheckpointError(RuntimeError):
@@ -107,4 +107,13 @@ def restore_run(stage, tag, step, mesh, **model_kwargs):
     graphdef, abstract_state = abstract_train_state(config, tx, mesh, **model_kwargs)
     state, meta = checkpointer.restore(meta["step"], abstract_state)
     checkpointer.close()
+    return graphdef, state, meta
+
+
+def restore_for_finetune(stage, tag, step, tx, mesh, **model_kwargs):
+    """(graphdef, state, meta): the params of a run's checkpoint with a fresh optimizer tx (momenta zero, step
+    count 0, so its schedules start over), laid out on mesh. How midtraining starts from base, and SFT from mid."""
+    graphdef, state, meta = restore_run(stage, tag, step, mesh, **model_kwargs)
+    model, _ = nnx.merge(graphdef, state)
+    graphdef, state = shard_state(model, tx, mesh)
     return graphdef, state, meta

@@ -45,6 +45,17 @@ def traced_schedule(f, corners):
     ys = np.array([f(c) for c in corners], np.float32)
     return lambda count: jnp.interp(count, xs, ys)  # past the last corner: holds f(corners[-1])
 
+def lr_schedule(num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+    """lr_multiplier as the traced function of the optimizer's update count that build_optimizer applies. The
+    count advances once per optimizer step, however many micro-batches it accumulates, and past the last step
+    the multiplier holds its final value (never below final_lr_frac)."""
+    T = num_iterations
+    warmup_iters, warmdown_iters = round(warmup_ratio * T), round(warmdown_ratio * T)
+    assert warmup_iters <= T - warmdown_iters, "warmup and warmdown overlap"
+    f = functools.partial(lr_multiplier, num_iterations=T, warmup_ratio=warmup_ratio, warmdown_ratio=warmdown_ratio,
+                          final_lr_frac=final_lr_frac)
+    return traced_schedule(f, [0, max(warmup_iters - 1, 0), T - warmdown_iters, T])
+
 # -----------------------------------------------------------------------------
 # Parameter groups
 
@@ -71,13 +82,7 @@ def build_optimizer(d_model, num_iterations=None, *, matrix_lr=0.02, embedding_l
     schedule=False or num_iterations=None: constant lrs and momentum 0.95 (as in the golden train file).
     ns_dtype: Newton-Schulz precision (bf16 as nanochat; fp32 for exact comparisons)."""
     if schedule and num_iterations is not None:
-        T = num_iterations
-        warmup_iters, warmdown_iters = round(warmup_ratio * T), round(warmdown_ratio * T)
-        assert warmup_iters <= T - warmdown_iters, "warmup and warmdown overlap"
-        lrm = traced_schedule(
-            functools.partial(lr_multiplier, num_iterations=T, warmup_ratio=warmup_ratio,
-                              warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac),
-            [0, max(warmup_iters - 1, 0), T - warmdown_iters, T])
+        lrm = lr_schedule(num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac)
         momentum = traced_schedule(muon_momentum, [0, 300])
     else:
         lrm, momentum = (lambda count: 1.0), 0.95

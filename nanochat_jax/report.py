@@ -249,13 +249,13 @@ def get_report():
 # Training curves
 
 
-def plot_metrics(metrics_path, out_png, ema_beta=0.9):
-    """Train loss (raw + EMA) and val bpb vs step from a metrics.jsonl, as a PNG. Returns out_png."""
+def plot_metrics(metrics_path, out_png, ema_beta=0.9, title="base model training", val_key="val_bpb", val_label="val bits per byte"):
+    """Train loss (raw + EMA) and a val metric (bpb; SFT: val loss) vs step from a metrics.jsonl, as a PNG. Returns out_png."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display on training nodes
     from matplotlib.figure import Figure  # not pyplot, so no global figure state leaks into the stage
     rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8") if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    val = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    val = [(r["step"], r[val_key]) for r in rows if r.get(val_key) is not None]
     # Two panels, not a twin axis: loss is nats per token, bpb is bits per byte, and they share only the x axis.
     fig = Figure(figsize=(8, 6 if val else 3.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -270,12 +270,12 @@ def plot_metrics(metrics_path, out_png, ema_beta=0.9):
         axes[0].plot(steps, smooth, color="tab:blue", lw=2, label=f"EMA (beta={ema_beta})")
         axes[0].legend(loc="upper right")
     axes[0].set_ylabel("train loss (nats/token)")
-    axes[0].set_title("base model training")
+    axes[0].set_title(title)
     if val:
         steps, bpbs = zip(*val)
-        axes[1].plot(steps, bpbs, color="tab:orange", marker="o", lw=2, label="val bpb")
+        axes[1].plot(steps, bpbs, color="tab:orange", marker="o", lw=2, label=val_label)
         axes[1].annotate(f"{bpbs[-1]:.4f}", (steps[-1], bpbs[-1]), textcoords="offset points", xytext=(-10, 8), ha="right")
-        axes[1].set_ylabel("val bits per byte")
+        axes[1].set_ylabel(val_label)
         axes[1].legend(loc="upper right")
     axes[-1].set_xlabel("step")
     for ax in axes:

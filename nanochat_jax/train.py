@@ -7,6 +7,10 @@ state buffers are donated, so the update happens in place.
     step = make_train_step(graphdef, state)
     state, metrics = step(state, inputs, targets)   # (grad_accum, B, T) int32 each, -1 = ignore
 """
+import json
+import math
+import os
+import sys
 from functools import partial
 
 import jax
@@ -96,3 +100,51 @@ def make_eval_step(graphdef):
         model, _ = nnx.merge(graphdef, state)
         return model(inputs, targets, loss_reduction="none")
     return eval_step
+
+
+# -----------------------------------------------------------------------------
+# What every training loop (base, mid, SFT, RL) keeps besides the state: metrics.jsonl, wandb, the NaN stop
+
+class RunLog:
+    """metrics.jsonl (one JSON row per step; also to wandb if a run name is given) and the EMA of the train
+    loss, on the master process. A fresh run starts the file over; a resumed one drops the rows the
+    interrupted run logged at or after the step it resumes from, so the file never holds a step twice."""
+
+    def __init__(self, run_dir, master, resumed_step=None, run="dummy", config=None, project="nanochat_jax"):
+        self.path, self.master, self.wandb = os.path.join(run_dir, "metrics.jsonl"), master, None
+        if master and os.path.exists(self.path):
+            rows = [line for line in open(self.path) if resumed_step is not None and json.loads(line)["step"] < resumed_step]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+        if run != "dummy" and master:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=project, name=run, config=config)
+            except ImportError:
+                print("wandb is not installed: logging to metrics.jsonl only")
+
+    def write(self, row):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.wandb:
+                self.wandb.log(row, step=row["step"])
+
+
+def smooth_loss(loop, loss, step, beta=0.9):
+    """Fold loss into loop['smooth_train_loss'] (an EMA) and return it debiased, as Adam debiases its moments."""
+    loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * loss
+    return loop["smooth_train_loss"] / (1 - beta ** (step + 1))
+
+
+def stop_if_diverged(loss, metrics, step, checkpointer, run_dir):
+    """Exit without saving when the loss or the updated params are not finite: the last good checkpoint stays."""
+    if math.isfinite(loss) and bool(metrics["params_finite"]):
+        return
+    checkpointer.wait()
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the update made some parameters NaN or inf"
+    sys.exit(f"step {step}: {what}; stopping without saving. The last good checkpoint is kept in {run_dir}")
+
+
+def peak_memory_gib():
+    return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30

@@ -26,24 +26,30 @@ parser.add_argument("-m", "--max-new-tokens", type=int, default=512)
 parser.add_argument("--batch-size", type=int, default=256, help="rows decoded together (generative tasks)")
 parser.add_argument("--batch-tokens", type=int, default=262_144, help="prompt tokens per forward pass (categorical tasks)")
 parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
+parser.add_argument("--self-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="held-out prompts: does the reply stop within 128 tokens, does it name the project")
 args = parser.parse_args()
 xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
 
-from evals.chat_eval import TASKS, evaluate_chat  # noqa: E402
+from evals.chat_eval import TASKS, evaluate_chat, self_checks  # noqa: E402
 from nanochat_jax.engine import Engine  # noqa: E402
 from nanochat_jax.export import load_model  # noqa: E402
 from nanochat_jax.report import get_report  # noqa: E402
 
-names = list(TASKS) if args.task_name == "all" else args.task_name.split(",")
+names = list(TASKS) if args.task_name == "all" else [n for n in args.task_name.split(",") if n]  # "" : self checks only
 unknown = [n for n in names if n not in TASKS]
 if unknown:
     parser.error(f"unknown task(s) {unknown}; known: {list(TASKS)}")
 model, tokenizer, description = load_model(args.checkpoint, args.source, args.tag, args.step)
 print(f"chat eval of {description}: {', '.join(names)}")
-out = evaluate_chat(model, Engine(model, tokenizer), tokenizer, names, args.max_problems, args.tasks_dir, args.num_samples,
+engine = Engine(model, tokenizer)
+out = evaluate_chat(model, engine, tokenizer, names, args.max_problems, args.tasks_dir, args.num_samples,
                     args.max_new_tokens, args.temperature, args.top_k, args.batch_size, args.batch_tokens)
 if out["ChatCORE"] is not None:
     print(f"ChatCORE: {out['ChatCORE']:.4f}")
+checks, examples = self_checks(engine, tokenizer) if args.self_check else ({}, [])
+for name, value in checks.items():
+    print(f"{name}: {value:.2f}")
 
 source = description.split()[0] if not args.checkpoint else "export"  # base / mid / sft / rl
 settings = {"model": description, "max_problems": args.max_problems, "num_samples": args.num_samples,
@@ -51,4 +57,7 @@ settings = {"model": description, "max_problems": args.max_problems, "num_sample
 table = "| Task | Accuracy | Problems | Seconds |\n|---|---|---|---|\n" + "".join(
     f"| {n} | {out['results'][n]:.4f} | {out['problems'][n]} | {out['timings'][n]:.1f} |\n" for n in names)
 summary = dict(out["results"], **({"ChatCORE": out["ChatCORE"]} if out["ChatCORE"] is not None else {}))
-get_report().log(f"Chat evaluation {source}", [settings, summary, table])
+checks = {"Stops within 128 tokens (50 held-out prompts)": checks["stops"],
+          "Names itself (20 held-out questions)": checks["names_itself"]} if checks else {}
+replies = ["Held-out replies:", *[f"- {q!r} -> {a!r}" for q, a in examples]] if examples else []
+get_report().log(f"Chat evaluation {source}", [settings, summary, checks, table, *replies])

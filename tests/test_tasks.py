@@ -1,9 +1,10 @@
 """
 The chat tasks (nanochat_jax/tasks/), module by module: slicing and mixing, the multiple-choice
 prompt, GSM8K's tool-call parts and their loss mask, HumanEval's programs, the synthetic spelling
-tasks, SmolTalk / CustomJSON files, and where the data comes from (a tasks directory, the hub, or a
-clear error). Real rows come from ../shared/data/tasks (see shared/data/TASKS.md); the tests that
-need them skip when that directory is absent. The hub is only ever a loopback server here.
+tasks, SmolTalk / CustomJSON files, ChitChat's packaged conversations, and where the data comes
+from (a tasks directory, the hub, or a clear error). Real rows come from ../shared/data/tasks (see
+shared/data/TASKS.md); the tests that need them skip when that directory is absent. The hub is only
+ever a loopback server here.
 """
 import gzip
 import hashlib
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from nanochat_jax.tasks.arc import ARC
+from nanochat_jax.tasks.chitchat import ChitChat, load_conversations
 from nanochat_jax.tasks.common import Task, TaskDataError, TaskMixture, TaskSequence, render_mc
 from nanochat_jax.tasks.customjson import CustomJSON
 from nanochat_jax.tasks.gsm8k import GSM8K, extract_answer, solution_parts
@@ -517,3 +519,86 @@ def test_missing_data_error_names_the_task_the_paths_and_both_remedies(tmp_path)
 
 def test_missing_data_error_is_a_file_not_found_error():
     assert issubclass(TaskDataError, FileNotFoundError)  # callers may catch either
+
+
+# -----------------------------------------------------------------------------
+# chitchat.py: the chitchat-dataset package's human conversations (offline, always available)
+
+def chitchat_raw():
+    """The package's own file: {conversation id: {"messages": [[utterance, ...], ...], ...}}."""
+    import chitchat_dataset
+    with open(os.path.join(os.path.dirname(chitchat_dataset.__file__), "dataset.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def chitchat_by_id():
+    return {example["id"]: example for split in ("train", "test") for example in ChitChat(split)}
+
+
+def test_chitchat_splits_are_every_20th_sorted_id_and_cover_every_two_sided_conversation():
+    raw = chitchat_raw()
+    assert len(raw) == 7168
+    # usable = two people actually said something (3,150 are one-sided: nobody answered)
+    usable = {k for k, v in raw.items() if len({u["sender"] for run in v["messages"] for u in run if u["text"].strip()}) == 2}
+    train, test = ChitChat("train"), ChitChat("test")
+    train_ids, test_ids = [ex["id"] for ex in train], [ex["id"] for ex in test]
+    assert (len(train), len(test)) == (3822, 195) and len(usable) == 4017
+    assert set(train_ids).isdisjoint(test_ids) and set(train_ids) | set(test_ids) == usable
+    assert test_ids == [k for k in sorted(raw)[::20] if k in usable]  # by position among all ids: fixed per id
+    assert train_ids == sorted(train_ids)
+    assert train.eval_type is None  # loss data, like SmolTalk
+
+
+def test_chitchat_examples_alternate_from_user_to_assistant_and_render():
+    tokenizer = Tokenizer([bytes([b]) for b in range(256)])
+    for split in ("train", "test"):
+        for example in ChitChat(split):
+            messages = example["messages"]
+            assert len(messages) >= 2 and len(messages) % 2 == 0, example["id"]
+            assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2), example["id"]
+            assert all(m["content"] and m["content"] == m["content"].strip() for m in messages), example["id"]
+    for example in ChitChat("test"):  # rendering all 4,017 byte by byte takes a while: the test split shows it
+        ids, mask = tokenizer.render_conversation(example, max_tokens=10**6)
+        trained = tokenizer.decode([t for t, m in zip(ids, mask) if m and t < 256])
+        assert trained == "".join(m["content"] for m in example["messages"][1::2])  # exactly the assistant's turns
+
+
+def test_chitchat_turn_is_a_senders_lines_joined_by_newlines():
+    raw, examples = chitchat_raw(), chitchat_by_id()
+    # the file's first conversation: clean lines, 35 runs that alternate, the first speaker's 18th run is cut
+    runs = ["\n".join(u["text"] for u in run) for run in raw["a07edb12-6b91-4138-b11e-02421888d699"]["messages"]]
+    messages = examples["a07edb12-6b91-4138-b11e-02421888d699"]["messages"]
+    assert len(runs) == 35 and [m["content"] for m in messages] == runs[:34]
+    assert messages[:2] == [{"role": "user", "content": "Hello\nHow are you doing today?"},
+                            {"role": "assistant", "content": "whats up MD\nim doing good\nhow are you doing?"}]
+    # a blank run between two of one sender's runs: they become one turn
+    assert [m["content"] for m in examples["6a4c7f41-c279-4f09-b899-aeb0c544edc9"]["messages"]] == [
+        "Yes\nIt's murder", "No",
+        "If killing a person is murder and a computer is indistinguishable from a person,\nThen turning it off is murder",
+        "Depends on what do you consider indistinguishable"]  # then "Whoa we both have animal names", "", "Kewl": a user's last word
+    assert examples["d08cd011-3c15-4693-8a27-24a08d61e154"]["messages"] == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "That would be boring"}]
+    # and nowhere do two messages in a row share a role
+    assert all(a["role"] != b["role"] for ex in examples.values() for a, b in zip(ex["messages"], ex["messages"][1:]))
+
+
+def test_chitchat_slices_and_gives_a_fresh_copy_per_access():
+    full = [ex["id"] for ex in ChitChat("train")]
+    assert [ex["id"] for ex in ChitChat("train", start=10, stop=40, step=7)] == full[10:40:7]
+    task = ChitChat("test")
+    first = task[0]
+    task[0]["messages"].append("mutated")
+    task[0]["messages"][0]["content"] = "mutated"
+    assert task[0] == first
+
+
+def test_chitchat_rejects_other_splits_and_names_the_missing_package(monkeypatch):
+    with pytest.raises(ValueError, match=re.escape("ChitChat split must be train|test, got 'validation'")):
+        ChitChat("validation")
+    monkeypatch.setitem(sys.modules, "chitchat_dataset", None)  # as if not installed: import raises ImportError
+    load_conversations.cache_clear()
+    try:
+        with pytest.raises(TaskDataError, match=r"'chitchat_dataset' is not installed; pip install chitchat-dataset"):
+            ChitChat("train")
+    finally:
+        load_conversations.cache_clear()  # the next test reads the real package again

@@ -1,0 +1,230 @@
+"""
+Supervised fine-tuning (nanochat v1 chat_sft): conversations one per row, loss on the assistant's tokens only
+(the render mask), 32 examples per step in micro-batches of 4 per device with gradient accumulation, base LRs
+x 0.02 falling linearly to 0, one epoch. Every micro-batch of a step is padded to one of a few fixed lengths
+(powers of two up to the context), so a handful of shapes compile. The loss is a mean over the trained tokens
+of each micro-batch, and the step's gradient the mean over its micro-batches, as in nanochat.
+
+python -m pipelines.chat_sft --source mid --tag d20
+python -m pipelines.chat_sft --tag d4 --mixture offline --max-rows-per-source 300
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from evals.chat_eval import run_categorical
+from nanochat_jax import xla_env
+from nanochat_jax.chat_dataloader import SFTBatches
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
+from nanochat_jax.export import find_run
+from nanochat_jax.mixtures import SOURCES, in_tasks_dir, mixture
+from nanochat_jax.model import GPTConfig, backend_settings
+from nanochat_jax.optim import build_optimizer, lr_multiplier
+from nanochat_jax.report import get_report, plot_metrics
+from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.tasks.arc import ARC
+from nanochat_jax.tasks.common import TaskDataError
+from nanochat_jax.tasks.mmlu import MMLU
+from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.train import (RunLog, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
+                                stop_if_diverged)
+
+parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations")
+parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="stage to start from")
+parser.add_argument("--tag", type=str, default=None, help="run to start from, and this run's name (default: the source's latest)")
+parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
+parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
+parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
+parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list")
+parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source of the mixture (small runs)")
+parser.add_argument("--num-epochs", type=int, default=1)
+parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: num_epochs of the mixture)")
+parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per device per micro-step")
+parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step")
+parser.add_argument("--max-seq-len", type=int, default=None, help="longest conversation in tokens (default: the source run's)")
+parser.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's")
+parser.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's")
+parser.add_argument("--matrix-lr", type=float, default=None, help="Muon (default: the base run's)")
+parser.add_argument("--init-lr-frac", type=float, default=0.02, help="every LR times this")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--eval-every", type=int, default=100, help="steps between val losses (-1: only at the end)")
+parser.add_argument("--eval-steps", type=int, default=100, help="val micro-batches per val loss")
+parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps between MMLU / ARC-Easy accuracies (-1: only at the end)")
+parser.add_argument("--eval-metrics-max-problems", type=int, default=1024)
+parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+parser.add_argument("--resume", action="store_true", help="continue from the latest SFT checkpoint")
+parser.add_argument("--resume-step", type=int, default=None)
+parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
+parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4")
+parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
+parser.add_argument("--seed", type=int, default=42)
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+args = parser.parse_args()
+xla_env.configure()
+user_config = vars(args).copy()
+
+init_distributed()
+master = jax.process_index() == 0
+print0 = print if master else (lambda *a, **k: None)
+mesh = make_mesh(args.mesh)
+n_dev, n_proc = jax.device_count(), jax.process_count()
+_, tag = find_run(args.source, args.tag)
+source_meta = Checkpointer(checkpoint_dir(args.source, tag)).read_meta(args.step)
+config = GPTConfig(**source_meta["model_config"])
+T = args.max_seq_len or source_meta["max_seq_len"]
+base_lrs = {k: getattr(args, k) if getattr(args, k) is not None else source_meta["user_config"][k] for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+user_config.update(base_lrs)  # resolved
+lrs = {k: v * args.init_lr_frac for k, v in base_lrs.items()}
+global_rows = args.device_batch_size * n_dev
+if args.examples_per_step % global_rows:
+    sys.exit(f"--examples-per-step {args.examples_per_step} is not a multiple of device batch x devices = {global_rows}")
+grad_accum = args.examples_per_step // global_rows
+run_dir = checkpoint_dir("sft", tag)
+os.makedirs(run_dir, exist_ok=True)
+print0(f"SFT from {args.source} {tag} step {source_meta['step']} -> {run_dir}")
+print0(f"{args.examples_per_step} conversations per step = {args.device_batch_size} x {n_dev} devices x {grad_accum} grad accum, "
+       f"up to {T} tokens each")
+
+tokenizer = get_tokenizer()
+mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, max_rows_per_source=args.max_rows_per_source, log=print0)
+train_mix = mixture("sft", "train", **mix_args)
+val_mix = mixture("sft", "val", **dict(mix_args, source=train_mix.kind))
+train_task = train_mix.task if args.num_epochs == 1 else type(train_mix.task)([train_mix.task] * args.num_epochs)
+print0(f"train mixture {train_mix.describe()}\nval mixture {val_mix.describe()}")
+shard = dict(process_index=jax.process_index(), process_count=n_proc)
+train_loader = SFTBatches(train_task, tokenizer, args.examples_per_step, grad_accum, global_rows, T, **shard)
+num_iterations = args.num_iterations if args.num_iterations > 0 else train_loader.num_steps
+if num_iterations < 1 or num_iterations > train_loader.num_steps:
+    sys.exit(f"{num_iterations} steps asked for, the mixture has {train_loader.num_steps} of {args.examples_per_step} examples")
+
+schedule = dict(warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)  # 1 - step / num_iterations
+tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
+model_kwargs = backend_settings()
+checkpointer = Checkpointer(run_dir, keep=args.keep)
+resuming = args.resume or args.resume_step is not None
+step, loop = 0, {"smooth_train_loss": 0.0, "total_training_time": 0.0, "tokens": 0, "trained": 0, "padded": 0}
+if resuming:
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
+    state, meta = checkpointer.restore(args.resume_step, abstract_state, train_loader, fallback=args.fallback)
+    step, loop = meta["step"], meta["loop_state"]
+    print0(f"resumed from step {step}")
+else:
+    graphdef, state, _ = restore_for_finetune(args.source, tag, args.step, tx, mesh, **model_kwargs)
+log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
+train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef)
+
+
+def val_loss():
+    """Mean loss per trained token over --eval-steps micro-batches of the val mixture."""
+    loader = SFTBatches(val_mix.task, tokenizer, global_rows, 1, global_rows, T, **shard)
+    nats, count = 0.0, 0
+    for _ in range(min(args.eval_steps, loader.num_steps)):
+        batch = next(loader)
+        x, y = global_batch(batch["inputs"][0], mesh), global_batch(batch["targets"][0], mesh)
+        nats += float(jnp.sum(jnp.where(y >= 0, eval_step(state, x, y), 0.0)))
+        count += batch["trained"]
+    return nats / max(count, 1)
+
+
+def metric_tasks():
+    """MMLU test and ARC-Easy test, where their data is at hand (offline: only from --tasks-dir)."""
+    tasks = {}
+    for name, local_name, build in (("mmlu_acc", "mmlu_test", lambda: MMLU("all", "test", tasks_dir=args.tasks_dir)),
+                                    ("arc_easy_acc", "arc_easy_test", lambda: ARC("ARC-Easy", "test", tasks_dir=args.tasks_dir))):
+        if train_mix.kind == "offline" and not in_tasks_dir(local_name, args.tasks_dir):
+            print0(f"{name}: left out (offline, and no {local_name} in the tasks directory)")
+            continue
+        try:
+            tasks[name] = build()
+        except TaskDataError as e:
+            print0(f"{name}: left out ({str(e).splitlines()[0]})")
+    return tasks
+
+
+def categorical_metrics():
+    """Accuracy on the first --eval-metrics-max-problems of each metric task, through chat_eval's categorical path."""
+    model = nnx.merge(graphdef, state)[0]
+    return {name: float(np.mean(run_categorical(model, tokenizer, task, range(min(args.eval_metrics_max_problems, len(task))))))
+            for name, task in eval_tasks.items()}
+
+
+eval_tasks = metric_tasks() if n_proc == 1 else {}  # the categorical path feeds host arrays to one program: one process
+
+
+def meta():
+    return {"step": step, "num_iterations": num_iterations, "loop_state": loop, "seed": args.seed, "model_config": config.__dict__,
+            "user_config": user_config, "max_seq_len": T,
+            "device_batch_size": args.device_batch_size, "source": {"stage": args.source, "tag": tag, "step": source_meta["step"]},
+            "sources": train_mix.sources, "mixture": train_mix.kind}
+
+
+def every(n):
+    return n > 0 and step % n == 0
+
+
+# -----------------------------------------------------------------------------
+# num_iterations + 1 passes: the last evaluates and saves
+
+first_step, t_start = step, time.time()
+while True:
+    last = step == num_iterations
+    row = {"step": step}
+    if last or every(args.eval_every):
+        loop["val_loss"] = row["val_loss"] = val_loss()
+        print0(f"step {step:05d} | val loss {loop['val_loss']:.4f}")
+    if last or every(args.eval_metrics_every):
+        accuracies = categorical_metrics()
+        loop.update(accuracies)
+        row.update(accuracies)
+        if accuracies:
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in accuracies.items()))
+    if len(row) > 1:
+        log.write(row)
+    if (last or every(args.save_every)) and step > first_step:
+        checkpointer.save(step, state, train_loader, meta())
+    if last or step == args.max_steps:
+        break
+
+    t0 = time.time()
+    batch = next(train_loader)
+    x, y = global_batch(batch["inputs"], mesh, batch_axis=1), global_batch(batch["targets"], mesh, batch_axis=1)
+    state, metrics = train_step(state, x, y)
+    loss = float(metrics["loss"])
+    dt = time.time() - t0
+    stop_if_diverged(loss, metrics, step, checkpointer, run_dir)
+    if step > first_step + 10:
+        loop["total_training_time"] += dt
+    for k in ("tokens", "trained", "padded"):
+        loop[k] += batch[k]
+    smooth = smooth_loss(loop, loss, step)
+    lrm = lr_multiplier(step, num_iterations, **schedule)
+    print0(f"step {step:05d}/{num_iterations:05d} | loss {smooth:.6f} | lrm {lrm:.3f} | L {batch['inputs'].shape[-1]} | "
+           f"non-padding {batch['tokens'] / batch['padded']:.2f} | dt {dt * 1000:.1f}ms | tok/sec {batch['tokens'] / dt:,.0f}")
+    log.write({"step": step, "loss": loss, "lrm": lrm, "dt": dt, "seq_len": int(batch["inputs"].shape[-1]),
+               "tokens": batch["tokens"], "trained": batch["trained"], "tok_per_sec": batch["tokens"] / dt})
+    step += 1
+
+checkpointer.wait()
+checkpointer.close()
+non_padding = loop["tokens"] / max(loop["padded"], 1)
+print0(f"peak memory: {peak_memory_gib():.2f} GiB | total training time: {loop['total_training_time'] / 60:.2f}m | "
+       f"non-padding fraction {non_padding:.3f}")
+if master and step == num_iterations:
+    report = get_report()
+    plot_metrics(log.path, os.path.join(report.dir, "chat_sft_curves.png"), title="SFT", val_key="val_loss", val_label="val loss")
+    report.log("Chat SFT", [user_config, {
+        "Source checkpoint": f"{args.source} {tag} step {source_meta['step']}", "Mixture": train_mix.kind,
+        "Train rows": len(train_task), "Number of iterations": num_iterations, "DDP world size": n_dev,
+        "Non-padding token fraction": non_padding, "Trained token fraction": loop["trained"] / max(loop["padded"], 1),
+        "val_loss": loop["val_loss"], **{k: loop[k] for k in ("mmlu_acc", "arc_easy_acc") if k in loop},
+        "Total training time (m)": loop["total_training_time"] / 60,
+    }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
+        "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
+        "![training curves](chat_sft_curves.png)"])

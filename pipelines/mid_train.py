@@ -1,0 +1,184 @@
+"""
+Midtraining (nanochat v1 mid_train): the base model learns the chat format, tool use and multiple choice
+from a mixture of conversations, packed into the pretraining stream and trained on every token, one epoch.
+Same optimizers and LRs as base (fresh state), no weight decay; LR constant, then linear to 0 over the last
+20% of the epoch (the schedule nanochat fixed in its issue #68). Checkpoints resume bit for bit.
+
+python -m pipelines.mid_train --tag d20                        # nanochat's mixture from the hub (else offline)
+python -m pipelines.mid_train --tag d4 --mixture offline       # no network
+python -m pipelines.mid_train --tag d20 --resume
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from evals.bpb import evaluate_bpb
+from nanochat_jax import xla_env
+from nanochat_jax.chat_dataloader import make_mid_loader, mid_stream_tokens
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
+from nanochat_jax.export import find_run
+from nanochat_jax.mixtures import SOURCES, mixture
+from nanochat_jax.model import GPTConfig, backend_settings
+from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
+from nanochat_jax.report import get_report, plot_metrics
+from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.train import (RunLog, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
+                                stop_if_diverged)
+
+parser = argparse.ArgumentParser(description="Midtrain a base model on conversations")
+parser.add_argument("--tag", type=str, default=None, help="base run to start from, and this run's name (default: the latest base run)")
+parser.add_argument("--step", type=int, default=None, help="base checkpoint step (default: the latest)")
+parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
+parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
+parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list (default: dwyl's, or english-words offline)")
+parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source of the mixture (small runs)")
+parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the mixture)")
+parser.add_argument("--device-batch-size", type=int, default=32)
+parser.add_argument("--total-batch-size", type=int, default=524_288, help="tokens per optimizer step")
+parser.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the base run's)")
+parser.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's")
+parser.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's")
+parser.add_argument("--matrix-lr", type=float, default=None, help="Muon (default: the base run's)")
+parser.add_argument("--init-lr-frac", type=float, default=1.0, help="every LR times this")
+parser.add_argument("--weight-decay", type=float, default=0.0)
+parser.add_argument("--eval-every", type=int, default=150, help="steps between val bpb evals (-1: only at the end)")
+parser.add_argument("--eval-tokens", type=int, default=20 * 524_288)
+parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+parser.add_argument("--resume", action="store_true", help="continue from the latest midtraining checkpoint")
+parser.add_argument("--resume-step", type=int, default=None)
+parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
+parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4")
+parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
+parser.add_argument("--seed", type=int, default=42)
+parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+args = parser.parse_args()
+xla_env.configure()
+user_config = vars(args).copy()
+
+init_distributed()
+master = jax.process_index() == 0
+print0 = print if master else (lambda *a, **k: None)
+mesh = make_mesh(args.mesh)
+n_dev, n_proc = jax.device_count(), jax.process_count()
+_, tag = find_run("base", args.tag)
+base_meta = Checkpointer(checkpoint_dir("base", tag)).read_meta(args.step)
+config = GPTConfig(**base_meta["model_config"])
+T = args.max_seq_len or base_meta["max_seq_len"]
+base_lrs = {k: getattr(args, k) if getattr(args, k) is not None else base_meta["user_config"][k] for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+user_config.update(base_lrs)  # resolved, so SFT finds them in this run's meta
+lrs = {k: v * args.init_lr_frac for k, v in base_lrs.items()}
+tokens_per_micro_step = args.device_batch_size * T * n_dev
+if args.total_batch_size % tokens_per_micro_step:
+    sys.exit(f"--total-batch-size {args.total_batch_size:,} is not a multiple of device batch x seq len x devices = {tokens_per_micro_step:,}")
+grad_accum = args.total_batch_size // tokens_per_micro_step
+local_rows = args.device_batch_size * jax.local_device_count()
+run_dir = checkpoint_dir("mid", tag)
+os.makedirs(run_dir, exist_ok=True)
+print0(f"midtraining base {tag} step {base_meta['step']} -> {run_dir}")
+print0(f"tokens per step {args.total_batch_size:,} = {args.device_batch_size} x {T} x {n_dev} devices x {grad_accum} grad accum")
+
+# Data: one epoch of the mixture, its length in steps counted up front (the LR schedule needs it)
+tokenizer = get_tokenizer()
+mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, max_rows_per_source=args.max_rows_per_source, log=print0)
+train_mix = mixture("mid", "train", **mix_args)
+val_mix = mixture("mid", "val", **dict(mix_args, source=train_mix.kind))  # the same kind of sources
+print0(f"train mixture {train_mix.describe()}\nval mixture {val_mix.describe()}")
+shard = dict(process_index=jax.process_index(), process_count=n_proc)
+checkpointer = Checkpointer(run_dir, keep=args.keep)
+resuming = args.resume or args.resume_step is not None
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+elif resuming and checkpointer.latest_step() is not None:
+    num_iterations = checkpointer.read_meta(args.resume_step)["num_iterations"]  # counted when the run started
+else:
+    t0 = time.time()
+    tokens = mid_stream_tokens(train_mix.task, tokenizer, **shard)
+    windows = int(np.min(multihost_utils.process_allgather(np.int64(tokens // (local_rows * T + 1)))))  # the slowest process
+    num_iterations = windows // grad_accum
+    print0(f"one epoch: {tokens:,} tokens on this process -> {num_iterations:,} steps (counted in {time.time() - t0:.1f}s)")
+if num_iterations < 1:
+    sys.exit(f"the mixture holds less than one step of {args.total_batch_size:,} tokens; lower --total-batch-size or add data")
+
+schedule = dict(warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)  # constant, then linear to 0 over the last 20%
+tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
+model_kwargs = backend_settings()
+train_loader = make_mid_loader(train_mix.task, tokenizer, local_rows, T, **shard)
+step, loop = 0, {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
+if resuming:
+    graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
+    state, meta = checkpointer.restore(args.resume_step, abstract_state, train_loader, fallback=args.fallback)
+    step, loop = meta["step"], meta["loop_state"]
+    print0(f"resumed from step {step}")
+else:
+    graphdef, state, _ = restore_for_finetune("base", tag, args.step, tx, mesh, **model_kwargs)
+log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
+train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef)
+
+
+def eval_bpb():
+    val_loader = make_mid_loader(val_mix.task, tokenizer, local_rows, T, **shard)
+    steps = max(1, args.eval_tokens // (local_rows * T * n_proc))  # or fewer: the val mixture may end first
+    return evaluate_bpb(eval_step, state, val_loader, steps, tokenizer.token_bytes, mesh)
+
+
+def meta():
+    return {"step": step, "num_iterations": num_iterations, "loop_state": loop, "seed": args.seed, "model_config": config.__dict__,
+            "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": T,
+            "total_batch_size": args.total_batch_size, "base": {"tag": tag, "step": base_meta["step"]},
+            "sources": train_mix.sources, "mixture": train_mix.kind}
+
+
+# -----------------------------------------------------------------------------
+# num_iterations + 1 passes: the last evaluates and saves
+
+first_step, t_start = step, time.time()
+while True:
+    last = step == num_iterations
+    if last or (args.eval_every > 0 and step % args.eval_every == 0):
+        loop["val_bpb"] = eval_bpb()
+        loop["min_val_bpb"] = min(loop["min_val_bpb"], loop["val_bpb"])
+        print0(f"step {step:05d} | val bpb {loop['val_bpb']:.4f}")
+        log.write({"step": step, "val_bpb": loop["val_bpb"]})
+    if (last or (args.save_every > 0 and step % args.save_every == 0)) and step > first_step:
+        checkpointer.save(step, state, train_loader, meta())
+    if last or step == args.max_steps:
+        break
+
+    t0 = time.time()
+    micro = [next(train_loader) for _ in range(grad_accum)]
+    x = global_batch(np.stack([b["inputs"] for b in micro]), mesh, batch_axis=1)
+    y = global_batch(np.stack([b["targets"] for b in micro]), mesh, batch_axis=1)
+    state, metrics = train_step(state, x, y)
+    loss = float(metrics["loss"])
+    dt = time.time() - t0
+    stop_if_diverged(loss, metrics, step, checkpointer, run_dir)
+    if step > first_step + 10:
+        loop["total_training_time"] += dt  # the first steps include compilation
+    smooth = smooth_loss(loop, loss, step)
+    lrm = lr_multiplier(step, num_iterations, **schedule)
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {smooth:.6f} | lrm {lrm:.2f} | "
+           f"dt {dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:,.0f} | elapsed {(time.time() - t_start) / 60:.1f}m")
+    log.write({"step": step, "loss": loss, "lrm": lrm, "momentum": muon_momentum(step), "dt": dt, "tok_per_sec": args.total_batch_size / dt})
+    step += 1
+
+checkpointer.wait()
+checkpointer.close()
+print0(f"peak memory: {peak_memory_gib():.2f} GiB | total training time: {loop['total_training_time'] / 60:.2f}m | "
+       f"min val bpb: {loop['min_val_bpb']:.4f}")
+if master and step == num_iterations:
+    report = get_report()
+    plot_metrics(log.path, os.path.join(report.dir, "mid_train_curves.png"), title="midtraining")
+    report.log("Midtraining", [user_config, {
+        "Base checkpoint": f"{tag} step {base_meta['step']}", "Mixture": train_mix.kind,
+        "Train rows": len(train_mix.task), "Number of iterations": num_iterations, "DDP world size": n_dev,
+        "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
+    }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
+        "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
+        "![training curves](mid_train_curves.png)"])
