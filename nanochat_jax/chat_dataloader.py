@@ -40,8 +40,10 @@ class RenderedConversations(grain.MapDataset):
         return {"index": index, "docs": docs}
 
 
-def make_mid_loader(task, tokenizer, batch_size, seq_len, process_index=0, process_count=1, threads=2, prefetch=8):
-    """One epoch of the mixture as the stream of B·T+1-token windows {'inputs', 'targets'} (B, T)."""
+def make_mid_loader(task, tokenizer, batch_size, seq_len, process_index=0, process_count=1, threads=4, prefetch=256):
+    """One epoch of the mixture as the stream of B·T+1-token windows {'inputs', 'targets'} (B, T). The read-ahead
+    is deep (256 chunks, ~65K conversations): one d20 step takes thousands of short conversations, and the
+    threads render them while the device computes, so the loop never waits for them."""
     conversations = RenderedConversations(task, tokenizer, process_index=process_index, process_count=process_count)
     read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
     return PackedBatches(conversations, read_options, batch_size, seq_len, mode="stream")

@@ -104,7 +104,8 @@ def _local_parts(stage, split, source, tasks_dir, word_list):
 
 def mixture(stage, split, source="auto", tasks_dir=None, word_list=None, max_rows_per_source=None, log=print):
     """The `stage` ('mid' | 'sft') mixture of `split` ('train' | 'val') from `source` (see the docstring).
-    max_rows_per_source caps every source at its first N rows (the tiny tier's small subsets)."""
+    max_rows_per_source caps every source but the identity conversations (a few hundred, and the point of a small
+    chat model) at its first N rows: the tiny tier's small subsets."""
     if (stage, split) not in HUB or source not in SOURCES:
         raise ValueError(f"no mixture for stage={stage!r} split={split!r} source={source!r}: "
                          f"stage mid|sft, split train|val, source {'|'.join(SOURCES)}")
@@ -126,6 +127,8 @@ def mixture(stage, split, source="auto", tasks_dir=None, word_list=None, max_row
         hub_parts = [(name, build(tasks_dir)) for name, local_name, build in HUB[stage, split] if in_tasks_dir(local_name, tasks_dir)]
     parts = hub_parts + _local_parts(stage, split, kind, tasks_dir, word_list)
     if max_rows_per_source is not None:
-        for _, task in parts:  # Task views: narrowing stop keeps their own start/step
+        for name, task in parts:  # Task views: narrowing stop keeps their own start/step
+            if name == "identity conversations":
+                continue
             task.stop = min(task.stop if task.stop is not None else max_rows_per_source, max_rows_per_source)
     return Mixture(TaskMixture([task for _, task in parts]), [(name, len(task)) for name, task in parts], kind)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import base_run, metrics_rows, run_stage
+from nanochat_jax.mixtures import identity
 from nanochat_jax.model import GPTConfig
 from nanochat_jax.optim import build_optimizer, lr_schedule
 from nanochat_jax.sharding import make_mesh
@@ -59,7 +60,7 @@ def test_one_epoch_in_nanochats_geometry_with_padding_reported(full_run):
     assert "32 conversations per step = 4 x 1 devices x 8 grad accum" in out
     train = [r for r in rows if "loss" in r]
     steps = len(train)
-    assert steps == 160 // 32  # identity, two spelling tasks, chitchat: 4 sources x 40 rows, one epoch
+    assert steps == (len(identity()) + 3 * 40) // 32  # identity (never capped), two spelling tasks and chitchat x 40, one epoch
     np.testing.assert_allclose([r["lrm"] for r in train], 1 - np.arange(steps) / steps)
     assert {r["seq_len"] for r in train} <= {64}  # the context is 64: everything pads to it (or less)
     assert all(0 < r["trained"] < r["tokens"] for r in train)  # the loss is on the assistant's tokens only
