@@ -64,6 +64,14 @@ class Mixture:
         return f"{self.kind}: " + ", ".join(f"{name} {rows:,}" for name, rows in self.sources) + f" ({len(self.task):,} rows)"
 
 
+def add_mixture_flags(parser):
+    """Where a stage's mixture comes from: the flags mid_train and chat_sft share."""
+    parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
+    parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
+    parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list (default: dwyl's; offline: english-words)")
+    parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source but the identity set (small runs)")
+
+
 def identity():
     """Our identity conversations (shipped in the package): what nanochat_jax is, who made it, what it can do."""
     return CustomJSON(IDENTITY_PATH)

@@ -105,6 +105,19 @@ def make_eval_step(graphdef):
 # -----------------------------------------------------------------------------
 # What every training loop (base, mid, SFT, RL) keeps besides the state: metrics.jsonl, wandb, the NaN stop
 
+def add_run_flags(parser, what):
+    """The flags every post-training stage shares with base_train: checkpoints and resuming, mesh, wandb, seed."""
+    parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    parser.add_argument("--resume", action="store_true", help=f"continue from the latest {what} checkpoint")
+    parser.add_argument("--resume-step", type=int, default=None)
+    parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
+    parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4")
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+
+
 class RunLog:
     """metrics.jsonl (one JSON row per step; also to wandb if a run name is given) and the EMA of the train
     loss, on the master process. A fresh run starts the file over; a resumed one drops the rows the

@@ -23,7 +23,7 @@ from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import SFTBatches
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
 from nanochat_jax.export import find_run
-from nanochat_jax.mixtures import SOURCES, in_tasks_dir, mixture
+from nanochat_jax.mixtures import add_mixture_flags, in_tasks_dir, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
@@ -32,17 +32,14 @@ from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import TaskDataError
 from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
+from nanochat_jax.train import (RunLog, add_run_flags, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
                                 stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations")
 parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="stage to start from")
 parser.add_argument("--tag", type=str, default=None, help="run to start from, and this run's name (default: the source's latest)")
 parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
-parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
-parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
-parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list")
-parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source of the mixture (small runs)")
+add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --max-rows-per-source
 parser.add_argument("--num-epochs", type=int, default=1)
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: num_epochs of the mixture)")
 parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per device per micro-step")
@@ -57,15 +54,7 @@ parser.add_argument("--eval-every", type=int, default=100, help="steps between v
 parser.add_argument("--eval-steps", type=int, default=100, help="val micro-batches per val loss")
 parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps between MMLU / ARC-Easy accuracies (-1: only at the end)")
 parser.add_argument("--eval-metrics-max-problems", type=int, default=1024)
-parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-parser.add_argument("--resume", action="store_true", help="continue from the latest SFT checkpoint")
-parser.add_argument("--resume-step", type=int, default=None)
-parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
-parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
-parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+add_run_flags(parser, "SFT")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 args = parser.parse_args()
 xla_env.configure()
 user_config = vars(args).copy()

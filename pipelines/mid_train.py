@@ -22,22 +22,19 @@ from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import make_mid_loader, mid_stream_tokens
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
 from nanochat_jax.export import find_run
-from nanochat_jax.mixtures import SOURCES, mixture
+from nanochat_jax.mixtures import add_mixture_flags, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
+from nanochat_jax.train import (RunLog, add_run_flags, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
                                 stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Midtrain a base model on conversations")
 parser.add_argument("--tag", type=str, default=None, help="base run to start from, and this run's name (default: the latest base run)")
 parser.add_argument("--step", type=int, default=None, help="base checkpoint step (default: the latest)")
-parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
-parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
-parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list (default: dwyl's, or english-words offline)")
-parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source of the mixture (small runs)")
+add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --max-rows-per-source
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the mixture)")
 parser.add_argument("--device-batch-size", type=int, default=32)
 parser.add_argument("--total-batch-size", type=int, default=524_288, help="tokens per optimizer step")
@@ -49,15 +46,7 @@ parser.add_argument("--init-lr-frac", type=float, default=1.0, help="every LR ti
 parser.add_argument("--weight-decay", type=float, default=0.0)
 parser.add_argument("--eval-every", type=int, default=150, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288)
-parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-parser.add_argument("--resume", action="store_true", help="continue from the latest midtraining checkpoint")
-parser.add_argument("--resume-step", type=int, default=None)
-parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
-parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
-parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+add_run_flags(parser, "midtraining")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 args = parser.parse_args()
 xla_env.configure()
 user_config = vars(args).copy()
