@@ -26,6 +26,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read back."""
 
 
+STAGES = ("base", "mid", "sft", "rl")
+
+
+def find_run(stage=None, tag=None):
+    """(stage, tag) of a training run: the latest stage that has checkpoints unless given, and its most
+    recently written run unless given."""
+    for s in ([stage] if stage else reversed(STAGES)):
+        root = os.path.join(get_base_dir(), f"{s}_checkpoints")
+        tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+        if tag is not None:
+            if tag in tags:
+                return s, tag
+            if stage:
+                raise FileNotFoundError(f"no run {tag!r} in {root} (have: {sorted(tags)})")
+        elif tags:
+            return s, max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+    raise FileNotFoundError(f"no {stage or 'training'} checkpoints{f' tagged {tag!r}' if tag else ''} under {get_base_dir()}; "
+                            f"train one first (python -m pipelines.base_train) or pass an export directory")
+
+
 def checkpoint_dir(stage, tag):
     return os.path.join(get_base_dir(), f"{stage}_checkpoints", tag)
 
@@ -117,3 +137,23 @@ def restore_for_finetune(stage, tag, step, tx, mesh, **model_kwargs):
     model, _ = nnx.merge(graphdef, state)
     graphdef, state = shard_state(model, tx, mesh)
     return graphdef, state, meta
+
+
+def source_run(stage, tag=None, step=None):
+    """(tag, meta) of the run a post-training stage starts from (tag None: the stage's latest run; step None: its
+    latest checkpoint), reading only the meta."""
+    _, tag = find_run(stage, tag)
+    return tag, Checkpointer(checkpoint_dir(stage, tag)).read_meta(step)
+
+
+def start_or_resume(checkpointer, args, source, config, tx, mesh, loader, loop, **model_kwargs):
+    """(graphdef, state, step, loop) of a post-training run: with --resume (or --resume-step) its own checkpoint,
+    the loader set to where it was; else the source run's params, source = (stage, tag, step), with a fresh tx."""
+    if args.resume or args.resume_step is not None:
+        graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
+        state, meta = checkpointer.restore(args.resume_step, abstract_state, loader, fallback=args.fallback)
+        if jax.process_index() == 0:
+            print(f"resumed from step {meta['step']}")
+        return graphdef, state, meta["step"], meta["loop_state"]
+    graphdef, state, _ = restore_for_finetune(*source, tx, mesh, **model_kwargs)
+    return graphdef, state, 0, loop

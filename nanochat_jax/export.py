@@ -22,31 +22,10 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nanochat_jax.checkpoint import restore_run
-from nanochat_jax.common import get_base_dir
+from nanochat_jax.checkpoint import STAGES, find_run, restore_run
 from nanochat_jax.model import GPT, GPTConfig, backend_settings
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
-
-
-STAGES = ("base", "mid", "sft", "rl")
-
-
-def find_run(stage=None, tag=None):
-    """(stage, tag) of a training run: the latest stage that has checkpoints unless given, and its most
-    recently written run unless given."""
-    for s in ([stage] if stage else reversed(STAGES)):
-        root = os.path.join(get_base_dir(), f"{s}_checkpoints")
-        tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
-        if tag is not None:
-            if tag in tags:
-                return s, tag
-            if stage:
-                raise FileNotFoundError(f"no run {tag!r} in {root} (have: {sorted(tags)})")
-        elif tags:
-            return s, max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
-    raise FileNotFoundError(f"no {stage or 'training'} checkpoints{f' tagged {tag!r}' if tag else ''} under {get_base_dir()}; "
-                            f"train one first (python -m pipelines.base_train) or pass an export directory")
 
 
 def restore_model(stage, tag, step=None, **model_kwargs):

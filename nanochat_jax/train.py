@@ -118,6 +118,25 @@ def add_run_flags(parser, what):
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
 
 
+def add_finetune_flags(parser, init_lr_frac):
+    """The LR flags of a stage that starts from another run's checkpoint (mid, SFT, RL): each LR defaults to
+    that run's, and all of them are scaled by --init-lr-frac."""
+    parser.add_argument("--embedding-lr", type=float, default=None, help="default: the source run's")
+    parser.add_argument("--unembedding-lr", type=float, default=None, help="default: the source run's")
+    parser.add_argument("--matrix-lr", type=float, default=None, help="Muon (default: the source run's)")
+    parser.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every LR times this")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+
+
+def finetune_lrs(args, source_meta, user_config):
+    """The optimizer's LRs for a fine-tuning stage: the flags, else the source run's (written into user_config
+    resolved, so the next stage finds them in this run's meta), times --init-lr-frac."""
+    names = ("embedding_lr", "unembedding_lr", "matrix_lr")
+    resolved = {k: getattr(args, k) if getattr(args, k) is not None else source_meta["user_config"][k] for k in names}
+    user_config.update(resolved)
+    return {k: v * args.init_lr_frac for k, v in resolved.items()}
+
+
 class RunLog:
     """metrics.jsonl (one JSON row per step; also to wandb if a run name is given) and the EMA of the train
     loss, on the master process. A fresh run starts the file over; a resumed one drops the rows the

@@ -8,8 +8,6 @@ python -m pipelines.base_train --depth 20 --resume                 # continue fr
 """
 import argparse
 import importlib
-import json
-import math
 import os
 import sys
 import time
@@ -30,7 +28,8 @@ from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import abstract_train_state, init_train_state, make_eval_step, make_train_step
+from nanochat_jax.train import (RunLog, abstract_train_state, add_run_flags, init_train_state, make_eval_step, make_train_step,
+                                peak_memory_gib, smooth_loss, stop_if_diverged)
 
 PEAK_FLOPS = 989e12  # H100 bf16 dense, nanochat's MFU denominator
 
@@ -63,19 +62,10 @@ parser.add_argument("--core-metric-every", type=int, default=2000, help="steps b
 parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="items per CORE task (-1: all)")
 parser.add_argument("--eval-bundle", type=str, default=None, help="CORE bundle zip or directory (default: $NANOCHAT_JAX_HOME/eval_bundle "
                     "if downloaded before, else CORE is left out)")
-# Checkpoints
-parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-parser.add_argument("--resume-step", type=int, default=None, help="continue from this step's checkpoint")
-parser.add_argument("--fallback", action="store_true", help="if a checkpoint is unreadable, move it aside and use the previous one")
 # Runtime
-parser.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4 (default: data parallel over all devices)")
 parser.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: downloaded, else the embedded corpus)")
 parser.add_argument("--tag", type=str, default=None, help="run directory name (default: d<depth>)")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
-parser.add_argument("--seed", type=int, default=42)
-parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (for tests/timing)")
+add_run_flags(parser, "base training")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 tier = parser.parse_known_args()[0].tier
 if tier:
     parser.set_defaults(**importlib.import_module(f"configs.{tier}").base_train)  # explicit flags still win
@@ -96,13 +86,6 @@ tag = args.tag or f"d{args.depth}"
 run_dir = checkpoint_dir("base", tag)
 os.makedirs(run_dir, exist_ok=True)
 print0(f"run directory: {run_dir}")
-wandb_run = None
-if args.run != "dummy" and master:
-    try:
-        import wandb
-        wandb_run = wandb.init(project="nanochat_jax", name=args.run, config=user_config)
-    except ImportError:
-        print0("wandb is not installed: logging to metrics.jsonl only")
 tokenizer = get_tokenizer()
 token_bytes = tokenizer.token_bytes
 
@@ -148,22 +131,16 @@ if args.core_metric_every > 0:
         core_bundle = Bundle(args.eval_bundle or cached)  # it must then be a bundle
     else:
         print0(f"CORE metric off: no eval bundle in {cached}; pass --eval-bundle PATH or run python -m pipelines.base_eval --download-only")
-metrics_path = os.path.join(run_dir, "metrics.jsonl")
-
 step, loop = 0, {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
-if args.resume or args.resume_step is not None:
+resuming = args.resume or args.resume_step is not None
+if resuming:
     graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
     state, meta = checkpointer.restore(args.resume_step, abstract_state, train_loader, fallback=args.fallback)
     step, loop = meta["step"], meta["loop_state"]
     print0(f"resumed from step {step} (val bpb {loop['val_bpb']})")
-    if master and os.path.exists(metrics_path):  # drop what the interrupted run logged after this checkpoint
-        rows = [line for line in open(metrics_path) if json.loads(line)["step"] < step]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
 else:
     graphdef, state = init_train_state(config, tx, mesh, args.seed, **model_kwargs)
-    if master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step = make_train_step(graphdef, state)
 eval_step = make_eval_step(graphdef)
 forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)[0](ids))
@@ -226,10 +203,8 @@ while True:
     if (last or every(args.save_every)) and step > first_step:
         checkpointer.save(step, state, train_loader, meta())
     if last or step == args.max_steps:
-        if master and last:
-            with open(metrics_path, "a") as f:
-                last_row = {"step": step, "val_bpb": loop["val_bpb"], **({"core_metric": loop["core_metric"]} if core_evaluated else {})}
-                f.write(json.dumps(last_row) + "\n")
+        if last:
+            log.write({"step": step, "val_bpb": loop["val_bpb"], **({"core_metric": loop["core_metric"]} if core_evaluated else {})})
         break
 
     # ------------------------------------------------------------------- one step
@@ -238,17 +213,12 @@ while True:
     state, metrics = train_step(state, x, y)
     loss = float(metrics["loss"])  # syncs: the log line and the NaN check need it
     dt = time.time() - t0
-    if not math.isfinite(loss) or not bool(metrics["params_finite"]):
-        checkpointer.wait()
-        what = f"the loss is {loss}" if not math.isfinite(loss) else "the update made some parameters NaN or inf"
-        sys.exit(f"step {step}: {what}; stopping without saving. The last good checkpoint is kept in {run_dir}")
+    stop_if_diverged(loss, metrics, step, checkpointer, run_dir)
     # -------------------------------------------------------------------
 
     if step > first_step + 10:
         loop["total_training_time"] += dt  # the first steps include compilation
-    beta = 0.9  # EMA of the train loss, debiased like Adam's moments
-    loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * loss
-    smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
+    smooth = smooth_loss(loop, loss, step)
     tok_per_sec = args.total_batch_size / dt
     mfu = flops_per_token * tok_per_sec / (PEAK_FLOPS * n_dev) if on_gpu else 0.0
     lrm = lr_multiplier(step, num_iterations, **schedule)
@@ -263,22 +233,18 @@ while True:
         row["val_bpb"] = loop["val_bpb"]
     if core_evaluated:
         row["core_metric"] = loop["core_metric"]
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if wandb_run:
-            wandb_run.log(row, step=step)
+    log.write(row)
     step += 1
 
 checkpointer.wait()
 checkpointer.close()
 
 # Summary, report, plot
-print0(f"peak memory: {(jax.local_devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
+print0(f"peak memory: {peak_memory_gib():.2f} GiB")
 print0(f"total training time: {loop['total_training_time'] / 60:.2f}m | min val bpb: {loop['min_val_bpb']:.4f}")
 if master and step == num_iterations:
     report = get_report()
-    plot_metrics(metrics_path, os.path.join(report.dir, "base_train_curves.png"))
+    plot_metrics(log.path, os.path.join(report.dir, "base_train_curves.png"))
     report.log("Base model training", [user_config, {
         "Number of parameters": num_params, "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
         "Number of training tokens": num_iterations * args.total_batch_size, "DDP world size": n_dev,

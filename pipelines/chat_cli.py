@@ -13,7 +13,8 @@ import sys
 
 from nanochat_jax import xla_env
 from nanochat_jax.engine import Engine
-from nanochat_jax.export import STAGES, load_model
+from nanochat_jax.checkpoint import STAGES
+from nanochat_jax.export import load_model
 from nanochat_jax.tokenizer import TextStream
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")

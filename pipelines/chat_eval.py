@@ -10,7 +10,7 @@ python -m pipelines.chat_eval --checkpoint /tmp/d20-export -a all
 import argparse
 
 from nanochat_jax import xla_env
-from nanochat_jax.export import STAGES
+from nanochat_jax.checkpoint import STAGES
 
 parser = argparse.ArgumentParser(description="Chat evals and ChatCORE")
 parser.add_argument("-i", "--source", type=str, default=None, choices=STAGES, help="training stage (default: the most-trained one)")

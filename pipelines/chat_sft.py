@@ -21,8 +21,7 @@ from flax import nnx
 from evals.chat_eval import run_categorical
 from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import SFTBatches
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
-from nanochat_jax.export import find_run
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.mixtures import add_mixture_flags, in_tasks_dir, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
@@ -32,8 +31,8 @@ from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import TaskDataError
 from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, add_run_flags, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
-                                stop_if_diverged)
+from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_gib,
+                                smooth_loss, stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations")
 parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="stage to start from")
@@ -45,11 +44,7 @@ parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: n
 parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per device per micro-step")
 parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step")
 parser.add_argument("--max-seq-len", type=int, default=None, help="longest conversation in tokens (default: the source run's)")
-parser.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's")
-parser.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's")
-parser.add_argument("--matrix-lr", type=float, default=None, help="Muon (default: the base run's)")
-parser.add_argument("--init-lr-frac", type=float, default=0.02, help="every LR times this")
-parser.add_argument("--weight-decay", type=float, default=0.0)
+add_finetune_flags(parser, init_lr_frac=0.02)  # LRs: the source run's, times --init-lr-frac; no weight decay
 parser.add_argument("--eval-every", type=int, default=100, help="steps between val losses (-1: only at the end)")
 parser.add_argument("--eval-steps", type=int, default=100, help="val micro-batches per val loss")
 parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps between MMLU / ARC-Easy accuracies (-1: only at the end)")
@@ -64,13 +59,10 @@ master = jax.process_index() == 0
 print0 = print if master else (lambda *a, **k: None)
 mesh = make_mesh(args.mesh)
 n_dev, n_proc = jax.device_count(), jax.process_count()
-_, tag = find_run(args.source, args.tag)
-source_meta = Checkpointer(checkpoint_dir(args.source, tag)).read_meta(args.step)
+tag, source_meta = source_run(args.source, args.tag, args.step)
 config = GPTConfig(**source_meta["model_config"])
 T = args.max_seq_len or source_meta["max_seq_len"]
-base_lrs = {k: getattr(args, k) if getattr(args, k) is not None else source_meta["user_config"][k] for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-user_config.update(base_lrs)  # resolved
-lrs = {k: v * args.init_lr_frac for k, v in base_lrs.items()}
+lrs = finetune_lrs(args, source_meta, user_config)
 global_rows = args.device_batch_size * n_dev
 if args.examples_per_step % global_rows:
     sys.exit(f"--examples-per-step {args.examples_per_step} is not a multiple of device batch x devices = {global_rows}")
@@ -98,14 +90,9 @@ tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_dec
 model_kwargs = backend_settings()
 checkpointer = Checkpointer(run_dir, keep=args.keep)
 resuming = args.resume or args.resume_step is not None
-step, loop = 0, {"smooth_train_loss": 0.0, "total_training_time": 0.0, "tokens": 0, "trained": 0, "padded": 0}
-if resuming:
-    graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
-    state, meta = checkpointer.restore(args.resume_step, abstract_state, train_loader, fallback=args.fallback)
-    step, loop = meta["step"], meta["loop_state"]
-    print0(f"resumed from step {step}")
-else:
-    graphdef, state, _ = restore_for_finetune(args.source, tag, args.step, tx, mesh, **model_kwargs)
+loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "tokens": 0, "trained": 0, "padded": 0}
+graphdef, state, step, loop = start_or_resume(checkpointer, args, (args.source, tag, args.step), config, tx, mesh, train_loader, loop,
+                                              **model_kwargs)
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef)
 

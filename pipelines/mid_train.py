@@ -20,16 +20,15 @@ from jax.experimental import multihost_utils
 from evals.bpb import evaluate_bpb
 from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import make_mid_loader, mid_stream_tokens
-from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, restore_for_finetune
-from nanochat_jax.export import find_run
+from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.mixtures import add_mixture_flags, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, add_run_flags, abstract_train_state, make_eval_step, make_train_step, peak_memory_gib, smooth_loss,
-                                stop_if_diverged)
+from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_gib,
+                                smooth_loss, stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Midtrain a base model on conversations")
 parser.add_argument("--tag", type=str, default=None, help="base run to start from, and this run's name (default: the latest base run)")
@@ -39,11 +38,7 @@ parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: o
 parser.add_argument("--device-batch-size", type=int, default=32)
 parser.add_argument("--total-batch-size", type=int, default=524_288, help="tokens per optimizer step")
 parser.add_argument("--max-seq-len", type=int, default=None, help="tokens per row (default: the base run's)")
-parser.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's")
-parser.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's")
-parser.add_argument("--matrix-lr", type=float, default=None, help="Muon (default: the base run's)")
-parser.add_argument("--init-lr-frac", type=float, default=1.0, help="every LR times this")
-parser.add_argument("--weight-decay", type=float, default=0.0)
+add_finetune_flags(parser, init_lr_frac=1.0)  # LRs: the source run's, times --init-lr-frac; no weight decay
 parser.add_argument("--eval-every", type=int, default=150, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288)
 add_run_flags(parser, "midtraining")  # checkpoints, resume, mesh, wandb, seed, --max-steps
@@ -56,13 +51,10 @@ master = jax.process_index() == 0
 print0 = print if master else (lambda *a, **k: None)
 mesh = make_mesh(args.mesh)
 n_dev, n_proc = jax.device_count(), jax.process_count()
-_, tag = find_run("base", args.tag)
-base_meta = Checkpointer(checkpoint_dir("base", tag)).read_meta(args.step)
+tag, base_meta = source_run("base", args.tag, args.step)
 config = GPTConfig(**base_meta["model_config"])
 T = args.max_seq_len or base_meta["max_seq_len"]
-base_lrs = {k: getattr(args, k) if getattr(args, k) is not None else base_meta["user_config"][k] for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-user_config.update(base_lrs)  # resolved, so SFT finds them in this run's meta
-lrs = {k: v * args.init_lr_frac for k, v in base_lrs.items()}
+lrs = finetune_lrs(args, base_meta, user_config)
 tokens_per_micro_step = args.device_batch_size * T * n_dev
 if args.total_batch_size % tokens_per_micro_step:
     sys.exit(f"--total-batch-size {args.total_batch_size:,} is not a multiple of device batch x seq len x devices = {tokens_per_micro_step:,}")
@@ -99,14 +91,8 @@ schedule = dict(warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)  # cons
 tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
 model_kwargs = backend_settings()
 train_loader = make_mid_loader(train_mix.task, tokenizer, local_rows, T, **shard)
-step, loop = 0, {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
-if resuming:
-    graphdef, abstract_state = abstract_train_state(config, tx, mesh, args.seed, **model_kwargs)
-    state, meta = checkpointer.restore(args.resume_step, abstract_state, train_loader, fallback=args.fallback)
-    step, loop = meta["step"], meta["loop_state"]
-    print0(f"resumed from step {step}")
-else:
-    graphdef, state, _ = restore_for_finetune("base", tag, args.step, tx, mesh, **model_kwargs)
+loop = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
+graphdef, state, step, loop = start_or_resume(checkpointer, args, ("base", tag, args.step), config, tx, mesh, train_loader, loop, **model_kwargs)
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef)
 

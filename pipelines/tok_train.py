@@ -10,7 +10,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.report import get_report
