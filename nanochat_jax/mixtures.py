@@ -51,6 +51,7 @@ HUB = {
 }
 # the spelling tasks' sizes, as nanochat (mid: 200K + 80K; SFT: 300 + 300)
 SPELLING = {"mid": (200_000, 80_000), "sft": (300, 300)}
+CHITCHAT_EXCHANGES = 2  # chitchat in pieces of two exchanges: every row fits a small context and ends with an answer
 IDENTITY_COPIES = {"mid": 2, "sft": 1}  # midtraining lists the identity set twice: shown twice as often
 
 
@@ -104,9 +105,9 @@ def _local_parts(stage, split, source, tasks_dir, word_list):
         parts += [("SimpleSpelling", SimpleSpelling(size=n_simple, split="train", word_list=word_list)),
                   ("SpellingBee", SpellingBee(size=n_bee, split="train", word_list=word_list))]
         if source == "offline":
-            parts.append(("chitchat train", ChitChat("train")))
+            parts.append(("chitchat train", ChitChat("train", exchanges=CHITCHAT_EXCHANGES)))
     elif source == "offline":
-        parts.append(("chitchat test", ChitChat("test")))
+        parts.append(("chitchat test", ChitChat("test", exchanges=CHITCHAT_EXCHANGES)))
     return parts
 
 

@@ -592,6 +592,20 @@ def test_chitchat_slices_and_gives_a_fresh_copy_per_access():
     assert task[0] == first
 
 
+def test_chitchat_in_pieces_of_k_exchanges_opens_a_new_conversation_first():
+    """exchanges=2: every conversation cut into pieces of at most 4 messages, each ending with the assistant,
+    which together hold exactly the whole conversations; all opening pieces come first, in conversation order."""
+    whole, pieces = ChitChat("test"), ChitChat("test", exchanges=2)
+    assert [ex["id"] for ex in pieces][:len(whole)] == [ex["id"] + "#0" for ex in whole]
+    assert all(2 <= len(ex["messages"]) <= 4 and ex["messages"][-1]["role"] == "assistant" for ex in pieces)
+    joined = {}
+    for ex in sorted(pieces, key=lambda ex: int(ex["id"].split("#")[1])):
+        joined.setdefault(ex["id"].split("#")[0], []).extend(ex["messages"])
+    assert joined == {ex["id"]: ex["messages"] for ex in whole}
+    with pytest.raises(ValueError, match="exchanges must be at least 1"):
+        ChitChat("test", exchanges=0)
+
+
 def test_chitchat_rejects_other_splits_and_names_the_missing_package(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("ChitChat split must be train|test, got 'validation'")):
         ChitChat("validation")

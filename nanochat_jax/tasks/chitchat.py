@@ -15,6 +15,11 @@ first speaker is "user", the other "assistant"; a trailing user turn is dropped,
 ends with an answer; conversations left with no user+assistant exchange are skipped.
 Split: conversation ids sorted, every 20th (position 0, 20, 40, ...) is test, the rest train. The
 position is taken over all ids, usable or not, so a conversation's split depends on its id alone.
+
+exchanges=k cuts each conversation into pieces of k user+assistant exchanges (the last may be shorter),
+ordered all first pieces, then all second pieces, and so on: the first N rows open N different
+conversations. Half of them run past 256 tokens whole, so at a small model's context an SFT row would
+lose its ending; as pieces, every row fits and ends with an answer and <|assistant_end|>.
 """
 import functools
 import importlib.resources
@@ -72,12 +77,19 @@ def load_conversations():
 
 class ChitChat(Task):
 
-    def __init__(self, split="train", **kwargs):
+    def __init__(self, split="train", exchanges=None, **kwargs):
         super().__init__(**kwargs)
         if split not in SPLITS:
             raise ValueError(f"ChitChat split must be train|test, got {split!r}")
+        if exchanges is not None and exchanges < 1:
+            raise ValueError(f"ChitChat exchanges must be at least 1, got {exchanges}")
         self.split = split
         self.rows = [row for row in load_conversations() if row[0] == split]
+        if exchanges:
+            n = 2 * exchanges  # messages per piece
+            pieces = [(j, position, (f"{cid}#{j}", messages[n * j:n * (j + 1)]))
+                      for position, (_, cid, messages) in enumerate(self.rows) for j in range((len(messages) + n - 1) // n)]
+            self.rows = [(split, cid, messages) for _, _, (cid, messages) in sorted(pieces, key=lambda piece: piece[:2])]
 
     def num_examples(self):
         return len(self.rows)
