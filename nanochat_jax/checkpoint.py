@@ -59,6 +59,12 @@ class Checkpointer:
     def latest_step(self):
         return self.manager.latest_step()
 
+    def refuse_existing(self):
+        """A fresh run must start in an empty directory: orbax would keep the old run's steps and skip the new ones."""
+        if self.latest_step() is not None:
+            raise CheckpointError(f"{self.directory} already holds checkpoints (latest step {self.latest_step()}): "
+                                  "pass --resume to continue that run, or move the directory aside to start over")
+
     def save(self, step, state, loader, meta):
         """Start writing a checkpoint; returns once the arrays are copied off the devices."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
@@ -155,5 +161,6 @@ def start_or_resume(checkpointer, args, source, config, tx, mesh, loader, loop, 
         if jax.process_index() == 0:
             print(f"resumed from step {meta['step']}")
         return graphdef, state, meta["step"], meta["loop_state"]
+    checkpointer.refuse_existing()
     graphdef, state, _ = restore_for_finetune(*source, tx, mesh, **model_kwargs)
     return graphdef, state, 0, loop

@@ -139,6 +139,7 @@ if resuming:
     step, loop = meta["step"], meta["loop_state"]
     print0(f"resumed from step {step} (val bpb {loop['val_bpb']})")
 else:
+    checkpointer.refuse_existing()
     graphdef, state = init_train_state(config, tx, mesh, args.seed, **model_kwargs)
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step = make_train_step(graphdef, state)

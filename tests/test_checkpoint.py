@@ -75,7 +75,8 @@ def test_run_killed_after_a_save_resumes_bit_for_bit(home):
 
 def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(home):
     """Resume with an infinite Muon lr: the first update makes the params inf, the run stops with a clear
-    message, and the checkpoint it resumed from is untouched (no new one is written)."""
+    message, and the checkpoint it resumed from is untouched (no new one is written); nor may a fresh run
+    start over it."""
     good = base_train(home, "--tag", "nan", "--num-iterations", "10")
     assert good.wait(timeout=600) == 0, good.stdout.read()
     ckpt = home / "base_checkpoints" / "nan"
@@ -85,6 +86,12 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(home):
     assert bad.returncode == 1 and "step 10: the update made some parameters NaN or inf; stopping without saving" in out, out
     after = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
     assert after == before and sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["10", "5"]
+
+    # a fresh run (no --resume) into the same tag is refused: orbax would keep steps 5 and 10 and skip its saves
+    fresh = base_train(home, "--tag", "nan", "--num-iterations", "10")
+    out = fresh.communicate(timeout=600)[0]
+    assert fresh.returncode == 1 and "already holds checkpoints (latest step 10): pass --resume" in out, out
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.is_file() and p.name != "metrics.jsonl"} == before
 
 
 def train_steps(step, state, loader, mesh, n):
