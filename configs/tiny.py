@@ -16,10 +16,11 @@ base_loss = dict(split_tokens=65_536)
 
 base_eval = dict(max_per_task=4)  # CORE on 4 items of each of the 22 tasks: a check that it runs, not a score
 
-# Post-training on the offline mixture (identity, spelling, chitchat), every source capped at a small subset so
-# that mid, SFT and both chat evals fit in a few minutes of a 2-core CPU. Midtraining keeps base's step of
-# 2,048 tokens (one epoch of the capped mixture); SFT keeps nanochat's 32 conversations a step in micro-batches of 4.
-mid_train = dict(mixture="offline", max_rows_per_source=150, device_batch_size=8, total_batch_size=2048,
+# Post-training on the offline mixture (identity, spelling, chitchat), every source but identity cut to its first
+# 5%, in proportion, so that mid, SFT and both chat evals fit in a few minutes of a 2-core CPU. Midtraining keeps
+# base's step of 2,048 tokens (one epoch: ~115 steps); SFT keeps nanochat's 32 conversations a step in micro-batches
+# of 4 (~25 steps).
+mid_train = dict(mixture="offline", mixture_fraction=0.05, device_batch_size=8, total_batch_size=2048,
                  eval_every=50, eval_tokens=16_384)
-chat_sft = dict(mixture="offline", max_rows_per_source=120, eval_every=5, eval_steps=8, eval_metrics_every=-1)
+chat_sft = dict(mixture="offline", mixture_fraction=0.05, eval_every=5, eval_steps=8, eval_metrics_every=-1)
 chat_eval = dict(task_name="SpellingBee", max_problems=32, max_new_tokens=64)  # offline: the one task with no data to fetch

@@ -11,6 +11,7 @@ The conversation mixtures of midtraining and SFT, from two kinds of source:
     mix.task       # a TaskMixture (shuffled with random.Random(42), as nanochat)
     mix.sources    # [(name, rows), ...] for the report card
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -49,8 +50,15 @@ HUB = {
         ("SmolTalk test", "smoltalk_test", lambda d: SmolTalk("test", tasks_dir=d)),
     ],
 }
-# the spelling tasks' sizes, as nanochat (mid: 200K + 80K; SFT: 300 + 300)
+# the spelling tasks' sizes, as nanochat (mid: 200K + 80K; SFT: 300 + 300), beside SmolTalk's rows in that stage
+# (mid: its ~460K train rows; SFT: the first 10K)
 SPELLING = {"mid": (200_000, 80_000), "sft": (300, 300)}
+SMOLTALK_ROWS = {"mid": 460_000, "sft": 10_000}
+# Offline, chitchat stands in for SmolTalk, and the spelling tasks keep their share of its text. A SmolTalk row is
+# ~750 tokens (nanochat's ~750 mid steps of 524,288 tokens over 848K rows, most of them SmolTalk); a chitchat piece
+# ~95 (the tiny tier's tokenizer; fewer with a larger vocabulary): so one SmolTalk row counts as about 8 pieces. Sized by rows instead, SpellingBee would be a third of the offline tokens,
+# and a small model answers every question with its letter-by-letter template, never stopping.
+SMOLTALK_ROW_IN_CHITCHAT_PIECES = 8
 CHITCHAT_EXCHANGES = 2  # chitchat in pieces of two exchanges: every row fits a small context and ends with an answer
 IDENTITY_COPIES = {"mid": 2, "sft": 1}  # midtraining lists the identity set twice: shown twice as often
 
@@ -70,7 +78,7 @@ def add_mixture_flags(parser):
     parser.add_argument("--mixture", type=str, default="auto", choices=SOURCES, help="nanochat's hub mixture, the offline one, or auto")
     parser.add_argument("--tasks-dir", type=str, default=None, help="local task data (gzip JSON lines) instead of the hub")
     parser.add_argument("--word-list", type=str, default=None, help="the spelling tasks' word list (default: dwyl's; offline: english-words)")
-    parser.add_argument("--max-rows-per-source", type=int, default=None, help="cap every source but the identity set (small runs)")
+    parser.add_argument("--mixture-fraction", type=float, default=1.0, help="keep the first fraction of every source but the identity set (small runs)")
 
 
 def identity():
@@ -100,24 +108,31 @@ def _local_parts(stage, split, source, tasks_dir, word_list):
     """The non-hub sources: identity, spelling and (offline) chitchat, as [(name, task)]."""
     parts = []
     if split == "train":
-        n_simple, n_bee = SPELLING[stage]
+        spelling = SPELLING[stage]
+        if source == "offline":  # chitchat stands in for SmolTalk: spelling keeps nanochat's share of it
+            chitchat = ChitChat("train", exchanges=CHITCHAT_EXCHANGES, stop=SMOLTALK_ROWS[stage])
+            share = min(1.0, len(chitchat) / (SMOLTALK_ROW_IN_CHITCHAT_PIECES * SMOLTALK_ROWS[stage]))
+            spelling = [round(n * share) for n in spelling]
         parts += [("identity conversations", identity())] * IDENTITY_COPIES[stage]
-        parts += [("SimpleSpelling", SimpleSpelling(size=n_simple, split="train", word_list=word_list)),
-                  ("SpellingBee", SpellingBee(size=n_bee, split="train", word_list=word_list))]
+        parts += [("SimpleSpelling", SimpleSpelling(size=spelling[0], split="train", word_list=word_list)),
+                  ("SpellingBee", SpellingBee(size=spelling[1], split="train", word_list=word_list))]
         if source == "offline":
-            parts.append(("chitchat train", ChitChat("train", exchanges=CHITCHAT_EXCHANGES)))
+            parts.append(("chitchat train", chitchat))
     elif source == "offline":
         parts.append(("chitchat test", ChitChat("test", exchanges=CHITCHAT_EXCHANGES)))
     return parts
 
 
-def mixture(stage, split, source="auto", tasks_dir=None, word_list=None, max_rows_per_source=None, log=print):
+def mixture(stage, split, source="auto", tasks_dir=None, word_list=None, fraction=1.0, log=print):
     """The `stage` ('mid' | 'sft') mixture of `split` ('train' | 'val') from `source` (see the docstring).
-    max_rows_per_source caps every source but the identity conversations (a few hundred, and the point of a small
-    chat model) at its first N rows: the tiny tier's small subsets."""
+    fraction < 1 keeps the first rows of every train source but the identity conversations (a few hundred, and the
+    point of a small chat model), in proportion, so the mixture's shares stay: the tiny tier's small subsets. Val
+    mixtures stay whole: the evals read only as far as their token or batch counts."""
     if (stage, split) not in HUB or source not in SOURCES:
         raise ValueError(f"no mixture for stage={stage!r} split={split!r} source={source!r}: "
                          f"stage mid|sft, split train|val, source {'|'.join(SOURCES)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"mixture fraction {fraction} is not in (0, 1]")
     tasks_dir = tasks_dir_or_env(tasks_dir)
     kind, hub_parts = source, []
     if source in ("auto", "nanochat"):
@@ -135,9 +150,8 @@ def mixture(stage, split, source="auto", tasks_dir=None, word_list=None, max_row
     if kind == "offline":  # the hub splits a tasks directory holds, and nothing from the network
         hub_parts = [(name, build(tasks_dir)) for name, local_name, build in HUB[stage, split] if in_tasks_dir(local_name, tasks_dir)]
     parts = hub_parts + _local_parts(stage, split, kind, tasks_dir, word_list)
-    if max_rows_per_source is not None:
-        for name, task in parts:  # Task views: narrowing stop keeps their own start/step
-            if name == "identity conversations":
-                continue
-            task.stop = min(task.stop if task.stop is not None else max_rows_per_source, max_rows_per_source)
+    if fraction < 1 and split == "train":
+        for name, task in parts:  # Task views: a new stop keeps their own start/step
+            if name != "identity conversations":
+                task.stop = task.start + math.ceil(fraction * len(task)) * task.step
     return Mixture(TaskMixture([task for _, task in parts]), [(name, len(task)) for name, task in parts], kind)

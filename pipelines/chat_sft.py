@@ -6,7 +6,7 @@ x 0.02 falling linearly to 0, one epoch. Every micro-batch of a step is padded t
 of each micro-batch, and the step's gradient the mean over its micro-batches, as in nanochat.
 
 python -m pipelines.chat_sft --source mid --tag d20
-python -m pipelines.chat_sft --tag d4 --mixture offline --max-rows-per-source 300
+python -m pipelines.chat_sft --tag d4 --mixture offline --mixture-fraction 0.1
 """
 import argparse
 import os
@@ -38,7 +38,7 @@ parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversa
 parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="stage to start from")
 parser.add_argument("--tag", type=str, default=None, help="run to start from, and this run's name (default: the source's latest)")
 parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
-add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --max-rows-per-source
+add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --mixture-fraction
 parser.add_argument("--num-epochs", type=int, default=1)
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: num_epochs of the mixture)")
 parser.add_argument("--device-batch-size", type=int, default=4, help="conversations per device per micro-step")
@@ -74,7 +74,7 @@ print0(f"{args.examples_per_step} conversations per step = {args.device_batch_si
        f"up to {T} tokens each")
 
 tokenizer = get_tokenizer()
-mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, max_rows_per_source=args.max_rows_per_source, log=print0)
+mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, fraction=args.mixture_fraction, log=print0)
 train_mix = mixture("sft", "train", **mix_args)
 val_mix = mixture("sft", "val", **dict(mix_args, source=train_mix.kind))
 train_task = train_mix.task if args.num_epochs == 1 else type(train_mix.task)([train_mix.task] * args.num_epochs)

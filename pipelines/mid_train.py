@@ -33,7 +33,7 @@ from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finet
 parser = argparse.ArgumentParser(description="Midtrain a base model on conversations")
 parser.add_argument("--tag", type=str, default=None, help="base run to start from, and this run's name (default: the latest base run)")
 parser.add_argument("--step", type=int, default=None, help="base checkpoint step (default: the latest)")
-add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --max-rows-per-source
+add_mixture_flags(parser)  # --mixture, --tasks-dir, --word-list, --mixture-fraction
 parser.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the mixture)")
 parser.add_argument("--device-batch-size", type=int, default=32)
 parser.add_argument("--total-batch-size", type=int, default=524_288, help="tokens per optimizer step")
@@ -67,7 +67,7 @@ print0(f"tokens per step {args.total_batch_size:,} = {args.device_batch_size} x 
 
 # Data: one epoch of the mixture, its length in steps counted up front (the LR schedule needs it)
 tokenizer = get_tokenizer()
-mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, max_rows_per_source=args.max_rows_per_source, log=print0)
+mix_args = dict(source=args.mixture, tasks_dir=args.tasks_dir, word_list=args.word_list, fraction=args.mixture_fraction, log=print0)
 train_mix = mixture("mid", "train", **mix_args)
 val_mix = mixture("mid", "val", **dict(mix_args, source=train_mix.kind))  # the same kind of sources
 print0(f"train mixture {train_mix.describe()}\nval mixture {val_mix.describe()}")

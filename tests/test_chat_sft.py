@@ -14,7 +14,7 @@ from nanochat_jax.optim import build_optimizer, lr_schedule
 from nanochat_jax.sharding import make_mesh
 from nanochat_jax.train import init_train_state, make_train_step
 
-FLAGS = ["--source", "base", "--tag", "d2", "--mixture", "offline", "--max-rows-per-source", "40", "--eval-every", "4",
+FLAGS = ["--source", "base", "--tag", "d2", "--mixture", "offline", "--mixture-fraction", "0.004", "--eval-every", "4",
          "--eval-steps", "2", "--eval-metrics-every", "-1"]
 
 
@@ -60,7 +60,7 @@ def test_one_epoch_in_nanochats_geometry_with_padding_reported(full_run):
     assert "32 conversations per step = 4 x 1 devices x 8 grad accum" in out
     train = [r for r in rows if "loss" in r]
     steps = len(train)
-    assert steps == (len(identity()) + 3 * 40) // 32  # identity (never capped), two spelling tasks and chitchat x 40, one epoch
+    assert steps == (len(identity()) + 1 + 1 + 40) // 32  # identity (whole), 0.4% of 38 + 38 spelling rows and of 10K chitchat, one epoch
     np.testing.assert_allclose([r["lrm"] for r in train], 1 - np.arange(steps) / steps)
     assert {r["seq_len"] for r in train} <= {64}  # the context is 64: everything pads to it (or less)
     assert all(0 < r["trained"] < r["tokens"] for r in train)  # the loss is on the assistant's tokens only

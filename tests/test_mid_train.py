@@ -7,7 +7,7 @@ import pytest
 
 from conftest import base_run, metrics_rows, run_stage
 
-FLAGS = ["--tag", "d2", "--mixture", "offline", "--max-rows-per-source", "24", "--device-batch-size", "4",
+FLAGS = ["--tag", "d2", "--mixture", "offline", "--mixture-fraction", "0.002", "--device-batch-size", "4",
          "--total-batch-size", "256", "--eval-every", "5", "--eval-tokens", "512"]
 
 
@@ -35,7 +35,7 @@ def test_one_epoch_with_nanochats_schedule_and_a_report_section(full_run):
     assert [r["momentum"] for r in rows if "loss" in r][0] == 0.85  # a fresh Muon: its momentum ramp starts over
     val = [r["val_bpb"] for r in rows if "val_bpb" in r]
     assert len(val) == len(range(0, steps, 5)) + 1 and val[-1] < val[0]
-    for source in ("identity conversations: 300", "SimpleSpelling: 24", "SpellingBee: 24", "chitchat train: 24", "chitchat test: 24"):
+    for source in ("identity conversations: 300", "SimpleSpelling: 4", "SpellingBee: 2", "chitchat train: 66", "chitchat test: 1,629"):
         assert source in section
     assert "Mixture: offline" in section and "mid_train_curves.png" in section
 

@@ -98,19 +98,34 @@ def test_offline_uses_identity_spelling_chitchat_and_what_the_tasks_dir_holds(tm
     d = tmp_path / "some_tasks"
     d.mkdir()
     write_jsonl_gz(d / "gsm8k_train.jsonl.gz", [gsm(i) for i in range(25)])  # only this one of nanochat's splits
-    mix = mixture("mid", "train", source="offline", tasks_dir=str(d), max_rows_per_source=100)
+    mix = mixture("mid", "train", source="offline", tasks_dir=str(d))
     assert mix.kind == "offline"
     assert [name for name, _ in mix.sources] == ["GSM8K train", "identity conversations", "identity conversations",
                                                  "SimpleSpelling", "SpellingBee", "chitchat train"]
     n_identity = len(identity())
-    assert [rows for _, rows in mix.sources] == [25, n_identity, n_identity, 100, 100, 100]  # capped at 100, but not identity
+    # chitchat (32,939 pieces, about an eighth of a SmolTalk row each) stands in for SmolTalk (~460K rows): the
+    # spelling tasks keep nanochat's share of its text, 200K and 80K scaled by 32,939 / (8 x 460,000)
+    assert [rows for _, rows in mix.sources] == [25, n_identity, n_identity, 1_790, 716, 32_939]
+    sft = mixture("sft", "train", source="offline", tasks_dir=str(d))
+    assert sft.sources[1:] == [("identity conversations", n_identity), ("SimpleSpelling", 38), ("SpellingBee", 38),
+                               ("chitchat train", 10_000)]  # as SmolTalk[:10K], and nanochat's 300 + 300 scaled by 1/8
     val = mixture("mid", "val", source="offline", tasks_dir=str(d))
     assert [name for name, _ in val.sources] == ["chitchat test"]
 
 
+def test_a_fraction_keeps_the_head_of_every_source_but_identity_in_proportion(offline_hub):
+    full = mixture("mid", "train", source="offline")
+    small = mixture("mid", "train", source="offline", fraction=0.01)
+    assert [rows for _, rows in small.sources] == [rows if name == "identity conversations" else -(-rows // 100)
+                                                   for name, rows in full.sources]  # ceil(rows / 100)
+    assert [small.task.tasks[-1][i] for i in range(5)] == [full.task.tasks[-1][i] for i in range(5)]  # the same first rows
+    with pytest.raises(ValueError, match="fraction 0 is not in"):
+        mixture("mid", "train", source="offline", fraction=0)
+
+
 def test_auto_falls_back_to_offline_and_says_what_was_missing(offline_hub):
     said = []
-    mix = mixture("sft", "train", source="auto", word_list=None, max_rows_per_source=10, log=said.append)
+    mix = mixture("sft", "train", source="auto", word_list=None, fraction=0.01, log=said.append)
     assert mix.kind == "offline" and "chitchat train" in dict(mix.sources)
     assert "ARC ARC-Easy train" in said[0]  # the first source that could not be had
 

@@ -51,7 +51,7 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     assert [r["val_loss"] for r in sft if "val_loss" in r][-1] < [r["val_loss"] for r in sft if "val_loss" in r][0]
     sft_eval = open(tmp_path / "home" / "report" / "chat-evaluation-sft.md").read()
     assert "Stops within 128 tokens (50 held-out prompts)" in sft_eval and "Names itself (20 held-out questions)" in sft_eval
-    assert "chitchat train: 120" in report and "identity conversations: 300" in report  # the sources, with their rows
+    assert "chitchat train: 500" in report and "identity conversations: 300" in report  # the sources, with their rows
     if bundle:
         assert "## Base model evaluation" in report and "CORE-offline" in report
         assert "| CORE |" in report  # the summary table's row
