@@ -23,17 +23,23 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 
 
 def greedy_naive(forward, prompts, max_tokens, stop_ids=()):
-    """Greedy continuations of several prompts (lists of ids) at once. forward(ids (B, L)) -> logits
-    (B, L, V). All prompts sit left-aligned in one fixed (B, L) buffer, so there is one compile; causal
-    attention keeps what lies after each row's cursor from mattering. A row stops at a stop id (not
-    included) or after max_tokens."""
+    """Greedy continuations of several prompts (lists of ids) at once. forward: a model, or a jitted
+    forward(ids (B, L)) -> logits (B, L, V). All prompts sit left-aligned in one fixed (B, L) buffer, so there
+    is one compile; causal attention keeps what lies after each row's cursor from mattering. A row stops at a
+    stop id (not included) or after max_tokens."""
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts])
     buf = np.zeros((B, lengths.max() + max_tokens), np.int32)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = p
     out, done = [[] for _ in range(B)], np.zeros(B, bool)
-    next_token = jax.jit(lambda ids, cur: jnp.argmax(forward(ids)[jnp.arange(B), cur - 1], axis=-1))
+    pick = lambda logits, cur: jnp.argmax(logits[jnp.arange(B), cur - 1], axis=-1)
+    if isinstance(forward, nnx.Module):  # its weights go in as arguments: a jit closing over them would bake
+        graphdef, state = nnx.split(forward)  # them into the program as constants (2.2 GB at d20, minutes to compile)
+        step = jax.jit(lambda state, ids, cur: pick(nnx.merge(graphdef, state)(ids), cur))
+        next_token = lambda ids, cur: step(state, ids, cur)
+    else:
+        next_token = lambda ids, cur: pick(forward(ids), cur)
     for k in range(max_tokens):
         cur = lengths + k
         tokens = np.asarray(next_token(buf, cur))  # syncs: the host decides what to feed next
@@ -166,17 +172,10 @@ class Engine:
     TRANSPOSED = True  # hold the blocks' Linear kernels as W.T (model.dense says why)
 
     def __init__(self, model, tokenizer, max_len=None, cache_dtype=None):
-        self.graphdef, state = nnx.split(model)
-        # weights in the compute dtype: decoding is bound by reading them, so bf16 halves the bytes on GPU
-        state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
         # one device, plainly placed: weights restored onto a training mesh would give every output that mesh's
         # sharding, and a cache that changes sharding between calls recompiles the step
         self.device = jax.devices()[0]
-        # the blocks' Linear kernels transposed, (d_out, d_in): see model.dense
-        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
-        is_block_kernel = lambda path: str(getattr(path[0], "key", "")) == "blocks" and any(getattr(k, "key", None) == "kernel" for k in path)
-        leaves = [x.T if self.TRANSPOSED and is_block_kernel(path) else x for path, x in leaves]
-        self.state = tuple(jax.device_put(leaves, self.device))
+        self.load_weights(model)
         self.tokenizer, self.config = tokenizer, model.config
         self.max_len = max_len or model.config.sequence_len
         self.cache_dtype = cache_dtype or model.dtype  # bf16 on GPU, fp32 on CPU
@@ -188,6 +187,19 @@ class Engine:
         self._step = jax.jit(self._step_fn, static_argnames=("window", "mode"), donate_argnums=(2, 3))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
         self._loop = jax.jit(self._loop_fn, static_argnames=("window", "mode"), donate_argnums=(1,))
+
+    def load_weights(self, model):
+        """Take model's current weights (RL refreshes them after every update): the same shapes and dtypes
+        each time, so nothing recompiles, and the previous copy is dropped."""
+        self.graphdef, state = nnx.split(model)
+        # weights in the compute dtype: decoding is bound by reading them, so bf16 halves the bytes on GPU
+        state = jax.tree.map(lambda x: x.astype(model.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+        # the blocks' Linear kernels transposed, (d_out, d_in): see model.dense
+        leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
+        is_block_kernel = lambda path: str(getattr(path[0], "key", "")) == "blocks" and any(getattr(k, "key", None) == "kernel" for k in path)
+        leaves = [x.T if self.TRANSPOSED and is_block_kernel(path) else x for path, x in leaves]
+        self.state = None  # free the old weights before placing the new ones
+        self.state = tuple(jax.device_put(leaves, self.device))
 
     # --- the jitted pieces; knobs = (temperature, top_k, top_p), each (B,)
 

@@ -127,7 +127,12 @@ while True:
         break
 
     t0 = time.time()
-    micro = [next(train_loader) for _ in range(grad_accum)]
+    try:
+        micro = [next(train_loader) for _ in range(grad_accum)]
+    except StopIteration:  # --num-iterations past one epoch: stop where the data ends, as nanochat does
+        print0(f"the mixture's epoch ended at step {step} of {num_iterations}: finishing here")
+        num_iterations = step
+        continue
     x = global_batch(np.stack([b["inputs"] for b in micro]), mesh, batch_axis=1)
     y = global_batch(np.stack([b["targets"] for b in micro]), mesh, batch_axis=1)
     state, metrics = train_step(state, x, y)

@@ -49,3 +49,15 @@ def test_resume_reproduces_the_uninterrupted_run(home, full_run):
     rows = metrics_rows(home / "mid_checkpoints" / "d2" / "metrics.jsonl")
     assert [r.get("loss") for r in rows] == [r.get("loss") for r in full_run[1]]  # every float digit: same batches, same state
     assert [r.get("val_bpb") for r in rows] == [r.get("val_bpb") for r in full_run[1]]
+
+
+def test_more_iterations_than_one_epoch_stop_where_the_data_ends(home, full_run):
+    """nanochat stops midtraining when its cursor wraps: --num-iterations past the epoch finishes at the epoch's
+    end, evaluating and saving there, instead of dying in the loader."""
+    shutil.rmtree(home / "mid_checkpoints" / "d2")
+    steps = len([r for r in full_run[1] if "loss" in r])
+    out = run_stage(home, "pipelines.mid_train", *FLAGS, "--num-iterations", "1000", "--eval-every", "-1")
+    assert f"the mixture's epoch ended at step {steps} of 1000: finishing here" in out
+    rows = metrics_rows(home / "mid_checkpoints" / "d2" / "metrics.jsonl")
+    assert len([r for r in rows if "loss" in r]) == steps and rows[-1] == {"step": steps, "val_bpb": rows[-1]["val_bpb"]}
+    assert (home / "mid_checkpoints" / "d2" / str(steps)).is_dir()
