@@ -13,13 +13,15 @@ import subprocess
 import sys
 import time
 
-# Stages in pipeline order. RL and its chat eval join this list when they land.
+# Stages in pipeline order. RL and its chat eval run where the tier configures them (tiny: SpellingBee, offline)
+# or with --rl, as nanochat runs them only on request.
 STAGES = ["data", "eval_bundle", "tok_train", "tok_eval", "base_train", "base_loss", "base_eval",
-          "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft"]
+          "mid_train", "chat_eval_mid", "chat_sft", "chat_eval_sft", "chat_rl", "chat_eval_rl"]
+RL_STAGES = {"chat_rl", "chat_eval_rl"}
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
 INPUT_STAGES = {"data", "eval_bundle"}  # stages that fetch inputs and write no report section
-TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft"}  # stage -> its checkpoints' stage name
-CHAT_STAGES = {"mid_train", "chat_sft", "chat_eval_mid", "chat_eval_sft"}  # stages that read the chat tasks
+TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}  # stage -> its checkpoints' stage name
+CHAT_STAGES = {"mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"}  # stages that read the chat tasks
 
 
 def base_tag(config):
@@ -36,7 +38,7 @@ def done(stage, config):
     section = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",
                "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation",
                "mid_train": "midtraining", "chat_eval_mid": "chat-evaluation-mid", "chat_sft": "chat-sft",
-               "chat_eval_sft": "chat-evaluation-sft"}
+               "chat_eval_sft": "chat-evaluation-sft", "chat_rl": "chat-rl", "chat_eval_rl": "chat-evaluation-rl"}
     return os.path.isfile(os.path.join(base, "report", section[stage] + ".md"))
 
 
@@ -45,6 +47,8 @@ parser.add_argument("--tier", type=str, default="tiny", choices=["tiny", "d20", 
 parser.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: the embedded corpus)")
 parser.add_argument("--eval-bundle", type=str, default=None, help="CORE eval bundle, a zip or directory (default: downloaded, except on the offline tiny tier)")
 parser.add_argument("--tasks-dir", type=str, default=None, help="local chat task data (gzip JSON lines) for mid, SFT and the chat evals")
+parser.add_argument("--rl", action=argparse.BooleanOptionalAction, default=None,
+                    help="run chat_rl and its chat eval (default: where the tier configures chat_rl, as tiny does)")
 parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
 args = parser.parse_args()
 config = importlib.import_module(f"configs.{args.tier}")
@@ -60,7 +64,7 @@ def stage_command(stage):
         flags["data_dir"] = args.data_dir
     if stage == "base_train":
         flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k in ("data_dir",)}}
-    if stage in ("base_loss", "base_eval", "mid_train", "chat_sft") or stage.startswith("chat_eval"):
+    if stage in ("base_loss", "base_eval", "mid_train", "chat_sft", "chat_rl") or stage.startswith("chat_eval"):
         flags["tag"] = base_tag(config)
     if stage in ("base_train", "base_eval") and args.eval_bundle:
         flags["eval_bundle"] = os.path.abspath(args.eval_bundle)
@@ -68,7 +72,7 @@ def stage_command(stage):
         return [sys.executable, "-m", "pipelines.base_eval", "--download-only"]
     if stage in TRAINING and has_checkpoint(TRAINING[stage]):
         flags["resume"] = True  # an interrupted run continues from its latest checkpoint
-    module = {"data": "nanochat_jax.dataset", "chat_eval_mid": "pipelines.chat_eval", "chat_eval_sft": "pipelines.chat_eval"}.get(stage, f"pipelines.{stage}")
+    module = "pipelines.chat_eval" if stage.startswith("chat_eval") else {"data": "nanochat_jax.dataset"}.get(stage, f"pipelines.{stage}")
     cmd = [sys.executable, "-m", module]
     for key, value in flags.items():
         cmd += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
@@ -96,6 +100,9 @@ def base_dir():
 
 
 t_start, left_out = time.time(), []
+run_rl = args.rl if args.rl is not None else hasattr(config, "chat_rl")
+if not run_rl:
+    STAGES = [stage for stage in STAGES if stage not in RL_STAGES]
 if not args.dry_run:
     from nanochat_jax.report import get_report
     # a fresh run (no stage has written its report section yet): new header (date, commit, hardware).

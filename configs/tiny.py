@@ -23,4 +23,7 @@ base_eval = dict(max_per_task=4)  # CORE on 4 items of each of the 22 tasks: a c
 mid_train = dict(mixture="offline", mixture_fraction=0.05, device_batch_size=8, total_batch_size=2048,
                  eval_every=50, eval_tokens=16_384)
 chat_sft = dict(mixture="offline", mixture_fraction=0.05, eval_every=5, eval_steps=8, eval_metrics_every=-1)
+# RL on SpellingBee (its rewards need no download): a few steps of 4 questions x 8 samples, to show the stage runs
+chat_rl = dict(task="SpellingBee", examples_per_step=4, num_samples=8, device_batch_size=8, num_iterations=6,
+               max_new_tokens=64, eval_every=3, eval_examples=16, eval_samples=4)
 chat_eval = dict(task_name="SpellingBee", max_problems=32, max_new_tokens=64)  # offline: the one task with no data to fetch

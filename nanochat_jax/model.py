@@ -96,14 +96,16 @@ def token_losses(z, targets):
     return jnp.where(targets >= 0, lse - target_logit, 0.0)
 
 
-def _chunked(h, targets, vocab_size, chunk_tokens):
-    """h (N, D) and targets (N,) padded (target -1) and split into chunks of at most ~1 GiB of fp32 logits."""
+def _chunked(h, targets, vocab_size, chunk_tokens, weights=None):
+    """h (N, D), targets (N,) and weights (N,) if given, padded (target -1, weight 0) and split into chunks of
+    at most ~1 GiB of fp32 logits."""
     N, D = h.shape
     chunk = chunk_tokens or max(1, min(N, 2**28 // vocab_size))
     n_chunks = -(-N // chunk)
     pad = n_chunks * chunk - N
-    return (jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, D),
-            jnp.pad(targets, (0, pad), constant_values=-1).reshape(n_chunks, chunk))
+    out = (jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk, D),
+           jnp.pad(targets, (0, pad), constant_values=-1).reshape(n_chunks, chunk))
+    return out if weights is None else out + (jnp.pad(weights, (0, pad)).reshape(n_chunks, chunk),)
 
 
 def cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
@@ -139,51 +141,54 @@ def cross_entropy_and_hits(h, lm_kernel, targets, max_logits=2**28):
     return jnp.swapaxes(losses, 0, 1).reshape(B, T), jnp.swapaxes(hits, 0, 1).reshape(B, T)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def cross_entropy_sum(h, lm_kernel, targets, chunk_tokens=None, device_axes=()):
-    """The summed loss of cross_entropy, with a fused backward: the forward pass of each chunk also takes
-    the gradients of its logits and pushes them through lm_head at once, so the (chunk, V) logits are
-    built once per step instead of twice (autodiff under jax.checkpoint rebuilt them in the backward),
-    and only dh (N, D) and d(lm_head) (D, V) are kept for the backward pass. A sum has one cotangent
-    for every token, which is what lets those gradients be taken before the cotangent is known.
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def cross_entropy_sum(h, lm_kernel, targets, weights=None, chunk_tokens=None, device_axes=()):
+    """The summed loss of cross_entropy (weighted by weights (N,), if given: RL's advantages), with a fused
+    backward: the forward pass of each chunk also takes the gradients of its logits and pushes them through
+    lm_head at once, so the (chunk, V) logits are built once per step instead of twice (autodiff under
+    jax.checkpoint rebuilt them in the backward), and only dh (N, D) and d(lm_head) (D, V) are kept for the
+    backward pass. A sum has one cotangent for every token, which is what lets those gradients be taken
+    before the cotangent is known. The weights get no gradient.
     device_axes: inside shard_map, the mesh axes over which h's rows are split; the loss and d(lm_head)
     are then summed over them (each once)."""
-    return _psum(cross_entropy(h, lm_kernel, targets, chunk_tokens).sum(), device_axes)
+    losses = cross_entropy(h, lm_kernel, targets, chunk_tokens)
+    return _psum((losses if weights is None else losses * weights).sum(), device_axes)
 
 
 def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _cross_entropy_sum_fwd(h, lm_kernel, targets, chunk_tokens, device_axes):
+def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_axes):
     N, D = h.shape
-    hs, ts = _chunked(h, targets, lm_kernel.shape[1], chunk_tokens)
+    chunks = _chunked(h, targets, lm_kernel.shape[1], chunk_tokens, weights)
     w = lm_kernel.astype(h.dtype)
 
     def chunk_step(dw, args):
-        hc, tc = args  # (C, D), (C,)
+        hc, tc, *wc = args  # (C, D), (C,), [(C,)]
         z = hc @ w  # (C, V) in the compute dtype, like torch autocast's lm_head output
-        loss, dz = jax.value_and_grad(lambda z: token_losses(z, tc).sum())(z)
+        loss, dz = jax.value_and_grad(lambda z: (token_losses(z, tc) * (wc[0] if wc else 1.0)).sum())(z)
         dw = dw + jnp.einsum("cd,cv->dv", hc, dz, preferred_element_type=jnp.float32)
         return dw, (loss, dz @ w.T)
 
     # zeros of d(lm_head)'s shape made from h's (empty) rows: inside shard_map they then carry h's
     # per-device type (the sum is over this device's rows), as the scan needs, on every JAX version
-    dw = jnp.einsum("cd,cv->dv", hs[0, :0], jnp.zeros((0, lm_kernel.shape[1]), h.dtype), preferred_element_type=jnp.float32)
-    dw, (losses, dh) = jax.lax.scan(chunk_step, dw, (hs, ts))
+    dw = jnp.einsum("cd,cv->dv", chunks[0][0, :0], jnp.zeros((0, lm_kernel.shape[1]), h.dtype), preferred_element_type=jnp.float32)
+    dw, (losses, dh) = jax.lax.scan(chunk_step, dw, chunks)
     dw = _psum(dw, device_axes)  # the one all-reduce of the loss's weight gradient
-    return _psum(losses.sum(), device_axes), (dh.reshape(-1, D)[:N], dw.astype(lm_kernel.dtype))
+    return _psum(losses.sum(), device_axes), (dh.reshape(-1, D)[:N], dw.astype(lm_kernel.dtype), weights)
 
 
 def _cross_entropy_sum_bwd(chunk_tokens, device_axes, residuals, g):
-    dh, dw = residuals
-    return (g * dh).astype(dh.dtype), g * dw, None  # targets are integers: no cotangent
+    dh, dw, weights = residuals
+    no_grad = None if weights is None else jnp.zeros_like(weights)
+    return (g * dh).astype(dh.dtype), g * dw, None, no_grad  # targets are integers; weights are data
 
 
 cross_entropy_sum.defvjp(_cross_entropy_sum_fwd, _cross_entropy_sum_bwd)
 
 
-def sharded_cross_entropy_sum(h, lm_kernel, targets):
+def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None):
     """cross_entropy_sum with each device looping over the chunks of its own rows, under a mesh whose batch
     axes shard h (N, D) and targets (N,). Left to GSPMD, the chunk loop's axis inherits the row sharding and
     every device all-gathers h and computes every chunk (4x the loss work on 4 GPUs). Here each device
@@ -191,10 +196,14 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets):
     mesh = jax.sharding.get_abstract_mesh()
     axes = () if mesh.empty else tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
     if not axes:
-        return cross_entropy_sum(h, lm_kernel, targets)
-    local = lambda h, w, t: cross_entropy_sum(h, w, t, None, axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes)), out_specs=P(),
-                         axis_names=set(axes))(h, lm_kernel, targets)
+        return cross_entropy_sum(h, lm_kernel, targets, weights)
+    if weights is None:
+        local = lambda h, w, t: cross_entropy_sum(h, w, t, None, None, axes)
+        return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes)), out_specs=P(),
+                             axis_names=set(axes))(h, lm_kernel, targets)
+    local = lambda h, w, t, a: cross_entropy_sum(h, w, t, a, None, axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes), P(axes)), out_specs=P(),
+                         axis_names=set(axes))(h, lm_kernel, targets, weights)
 
 
 # -----------------------------------------------------------------------------
@@ -397,14 +406,17 @@ class GPT(nnx.Module):
         """Softcapped fp32 logits (..., V) of final hidden states (..., D)."""
         return softcap((h @ self.lm_head.kernel[...].astype(h.dtype)).astype(jnp.float32))
 
-    def __call__(self, idx, targets=None, loss_reduction="mean"):
+    def __call__(self, idx, targets=None, loss_reduction="mean", weights=None):
         """Logits (B, T, V) in fp32 without targets; with targets (-1 = ignore), the mean loss or,
-        with loss_reduction='none', the per-token loss (B, T)."""
+        with loss_reduction='none', the per-token loss (B, T), or with weights (B, T) the weighted sum of
+        the per-token losses (RL)."""
         h = self.features(idx)
         if targets is None:
             return self.logits(h)
         B, T, D = h.shape
         h, targets = h.reshape(B * T, D), targets.reshape(B * T)
+        if weights is not None:
+            return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets, weights.reshape(B * T).astype(jnp.float32))
         if loss_reduction == "none":
             return cross_entropy(h, self.lm_head.kernel[...], targets).reshape(B, T)
         return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets) / jnp.maximum((targets >= 0).sum(), 1)

@@ -249,12 +249,14 @@ def get_report():
 # Training curves
 
 
-def plot_metrics(metrics_path, out_png, ema_beta=0.9, title="base model training", val_key="val_bpb", val_label="val bits per byte"):
-    """Train loss (raw + EMA) and a val metric (bpb; SFT: val loss) vs step from a metrics.jsonl, as a PNG. Returns out_png."""
+def plot_metrics(metrics_path, out_png, ema_beta=0.9, title="base model training", val_key="val_bpb", val_label="val bits per byte",
+                 train_key="loss", train_label="train loss (nats/token)"):
+    """Train loss (raw + EMA; RL: the reward) and a val metric (bpb; SFT: val loss; RL: pass@1) vs step from a
+    metrics.jsonl, as a PNG. Returns out_png."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display on training nodes
     from matplotlib.figure import Figure  # not pyplot, so no global figure state leaks into the stage
     rows = [json.loads(line) for line in open(metrics_path, encoding="utf-8") if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    train = [(r["step"], r[train_key]) for r in rows if r.get(train_key) is not None]
     val = [(r["step"], r[val_key]) for r in rows if r.get(val_key) is not None]
     # Two panels, not a twin axis: loss is nats per token, bpb is bits per byte, and they share only the x axis.
     fig = Figure(figsize=(8, 6 if val else 3.5), layout="constrained")
@@ -266,10 +268,10 @@ def plot_metrics(metrics_path, out_png, ema_beta=0.9, title="base model training
         for i, x in enumerate(losses):
             ema = ema_beta * ema + (1 - ema_beta) * x
             smooth.append(ema / (1 - ema_beta ** (i + 1)))  # debiased, else the curve starts near 0
-        axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="train loss")
+        axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label=train_label.split(" (")[0])
         axes[0].plot(steps, smooth, color="tab:blue", lw=2, label=f"EMA (beta={ema_beta})")
         axes[0].legend(loc="upper right")
-    axes[0].set_ylabel("train loss (nats/token)")
+    axes[0].set_ylabel(train_label)
     axes[0].set_title(title)
     if val:
         steps, bpbs = zip(*val)

@@ -57,37 +57,42 @@ def shard_state(model, tx, mesh):
     return graphdef, jax.device_put(state, state_shardings(state, mesh))
 
 
-def make_train_step(graphdef, state):
+def make_train_step(graphdef, state, weighted=False):
     """One optimizer step over grad_accum micro-batches, accumulated inside the jit. No host sync:
-    the metrics come back as device arrays."""
+    the metrics come back as device arrays. Arrays are (grad_accum, rows, T). The loss is each micro-batch's
+    mean over its targets (-1 = ignore), the gradient their mean; weighted=True (RL) takes a third array of
+    per-token weights and minimises sum(weights x token losses) over the whole step (the weights carry the
+    normalisation)."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
     mesh = jax.tree.leaves(shardings)[0].mesh
 
     @partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
-    def train_step(state, inputs, targets):
+    def train_step(state, inputs, targets, *weights):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # so the model's sharding constraints apply
-            return _train_step(state, inputs, targets)
+            return _train_step(state, inputs, targets, *weights)
 
-    def _train_step(state, inputs, targets):
+    def _train_step(state, inputs, targets, *weights):
         model, optimizer = nnx.merge(graphdef, state)
-        inputs, targets = (jax.lax.with_sharding_constraint(a, batch_sharding(mesh, ndim=3, batch_axis=1)) for a in (inputs, targets))
+        batch = tuple(jax.lax.with_sharding_constraint(a, batch_sharding(mesh, ndim=3, batch_axis=1)) for a in (inputs, targets, *weights))
 
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-        def loss_fn(params, x, y):  # (B, T) each
-            return nnx.merge(model_def, params, rest)(x, y)
+        def loss_fn(params, x, y, w=None):  # (B, T) each
+            model = nnx.merge(model_def, params, rest)
+            return model(x, y, weights=w)
 
-        def micro_step(grad_sum, xy):
-            loss, grads = jax.value_and_grad(loss_fn)(params, *xy)
+        def micro_step(grad_sum, xyw):
+            loss, grads = jax.value_and_grad(loss_fn)(params, *xyw)
             return jax.tree.map(jnp.add, grad_sum, grads), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
-        grads = jax.tree.map(lambda g: g / inputs.shape[0], grad_sum)  # mean over micro-batches
+        grad_sum, losses = jax.lax.scan(micro_step, zeros, batch)
+        n = 1 if weighted else inputs.shape[0]  # weighted: the sum is the objective; else the mean over micro-batches
+        grads = jax.tree.map(lambda g: g / n, grad_sum)
         optimizer.update(model, grads)
         new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
         finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in new_params]))  # one cheap pass: never save NaN params
-        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "params_finite": finite}
+        metrics = {"loss": losses.sum() if weighted else losses.mean(), "grad_norm": optax.tree.norm(grads), "params_finite": finite}
         return nnx.state((model, optimizer)), metrics
 
     return train_step

@@ -100,7 +100,7 @@ def test_fused_loss_sum_matches_autodiff_in_value_and_gradient():
         h = jax.random.normal(jax.random.key(3), (45, 16)).astype(dtype)
         w = jax.random.normal(jax.random.key(4), (16, 70)) * 0.5
         targets = jax.random.randint(jax.random.key(5), (45,), 0, 70).at[::4].set(-1)
-        fused = jax.jit(jax.value_and_grad(lambda h, w: 0.3 * cross_entropy_sum(h, w, targets, 8), argnums=(0, 1)))
+        fused = jax.jit(jax.value_and_grad(lambda h, w: 0.3 * cross_entropy_sum(h, w, targets, None, 8), argnums=(0, 1)))
         plain = jax.jit(jax.value_and_grad(lambda h, w: 0.3 * cross_entropy(h, w, targets, 8).sum(), argnums=(0, 1)))
         (loss_f, grads_f), (loss_p, grads_p) = fused(h, w), plain(h, w)
         np.testing.assert_allclose(loss_f, loss_p, rtol=1e-6)
@@ -109,6 +109,20 @@ def test_fused_loss_sum_matches_autodiff_in_value_and_gradient():
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             assert np.linalg.norm(a - b) / np.linalg.norm(b) < tol
         assert not np.any(np.asarray(grads_f[0], np.float32)[::4])  # ignored tokens get no gradient
+
+
+def test_fused_loss_with_per_token_weights_matches_autodiff():
+    """RL's loss: sum(weights x token losses), weights of either sign (advantages), through the fused backward."""
+    h = jax.random.normal(jax.random.key(3), (45, 16))
+    w = jax.random.normal(jax.random.key(4), (16, 70)) * 0.5
+    targets = jax.random.randint(jax.random.key(5), (45,), 0, 70).at[::4].set(-1)
+    weights = jax.random.normal(jax.random.key(6), (45,))
+    fused = jax.jit(jax.value_and_grad(lambda h, w: cross_entropy_sum(h, w, targets, weights, 8), argnums=(0, 1)))
+    plain = jax.jit(jax.value_and_grad(lambda h, w: (cross_entropy(h, w, targets, 8) * weights).sum(), argnums=(0, 1)))
+    (loss_f, grads_f), (loss_p, grads_p) = fused(h, w), plain(h, w)
+    np.testing.assert_allclose(loss_f, loss_p, rtol=1e-5)
+    for a, b in zip(grads_f, grads_p):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_mean_loss_ignores_masked_targets():

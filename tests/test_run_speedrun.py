@@ -42,7 +42,8 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     report = open(tmp_path / "home" / "report" / "report.md").read()
     assert "Run started:" in report  # the header: a fresh run resets the report even with inputs given
     for section in ("## Tokenizer training", "## Tokenizer evaluation", "## Base model training", "## Base model loss",
-                    "## Midtraining", "## Chat evaluation mid", "## Chat SFT", "## Chat evaluation sft", "## Summary"):
+                    "## Midtraining", "## Chat evaluation mid", "## Chat SFT", "## Chat evaluation sft", "## Chat RL",
+                    "## Chat evaluation rl", "## Summary"):
         assert section in report
     mid = [json.loads(line) for line in open(tmp_path / "home" / "mid_checkpoints" / "d4" / "metrics.jsonl")]
     mid_bpb = [r["val_bpb"] for r in mid if "val_bpb" in r]
@@ -51,6 +52,7 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     assert [r["val_loss"] for r in sft if "val_loss" in r][-1] < [r["val_loss"] for r in sft if "val_loss" in r][0]
     sft_eval = open(tmp_path / "home" / "report" / "chat-evaluation-sft.md").read()
     assert "Stops within 128 tokens (50 held-out prompts)" in sft_eval and "Names itself (20 held-out questions)" in sft_eval
+    assert (tmp_path / "home" / "report" / "chat_rl_curves.png").is_file() and "| RL |" in report.split("## Summary")[1]
     assert "chitchat train: 500" in report and "identity conversations: 300" in report  # the sources, with their rows
     if bundle:
         assert "## Base model evaluation" in report and "CORE-offline" in report
@@ -58,4 +60,4 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     else:
         assert "=== base_eval: left out: no CORE eval bundle" in result.stdout
     again = run("--tier=tiny", *bundle, home=tmp_path / "home")
-    assert again.returncode == 0 and again.stdout.count("already done, skipping") == 9 + 2 * bool(bundle)  # + eval_bundle, base_eval
+    assert again.returncode == 0 and again.stdout.count("already done, skipping") == 11 + 2 * bool(bundle)  # + eval_bundle, base_eval
