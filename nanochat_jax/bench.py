@@ -16,6 +16,11 @@ evals: the full CORE bundle and the full ChatCORE (all six tasks, every problem)
 task, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer. Compiles are included. (With nanochat's init every
 row decodes the same greedy chain, so decode times say little about a trained model's.)
 python -m nanochat_jax.bench evals --depth 20 --eval-bundle ../shared/data/eval_bundle.zip --tasks-dir ../shared/data/tasks
+rl: chat_rl's step on random weights: the rollout of 16 x 16 samples on the device loop (tokens/s), the scoring,
+and the weighted update, each timed, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer (or --tokenizer-dir) and
+GSM8K's train prompts from --tasks-dir (else SpellingBee's). Random weights never stop, so every row decodes all
+--max-new-tokens: the rollout's worst case.
+python -m nanochat_jax.bench rl --depth 20 --tasks-dir ../shared/data/tasks
 """
 import argparse
 import os
@@ -30,7 +35,7 @@ from nanochat_jax import xla_env
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
-from nanochat_jax.train import init_train_state, make_train_step
+from nanochat_jax.train import init_train_state, make_train_step, peak_memory_gib
 
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense, nanochat's MFU denominator
 
@@ -266,6 +271,51 @@ def bench_evals(args):
     print("totals (compiles included): " + ", ".join(f"{k} {v:.1f}s" for k, v in totals.items()))
 
 
+def bench_rl(args):
+    from flax import nnx
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.rl import QuestionBatches, advantages, build_batch, rollout, score
+    from nanochat_jax.tasks.gsm8k import GSM8K
+    from nanochat_jax.tasks.spellingbee import SpellingBee
+    from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer()
+    config = config_for_depth(args.depth, vocab_size=tokenizer.get_vocab_size())  # a larger vocab would sample ids it cannot decode
+    E, N = args.examples_per_step, args.num_samples
+    tx = build_optimizer(config.n_embd, args.warmup + args.steps, warmdown_ratio=1.0)
+    mesh = make_mesh(args.mesh)
+    graphdef, state = init_train_state(config, tx, mesh, **backend_settings())
+    train_step = make_train_step(graphdef, state, weighted=True)
+    task = GSM8K("main", "train", tasks_dir=args.tasks_dir) if args.tasks_dir else SpellingBee(size=7_473, split="train")
+    engine, questions = Engine(nnx.merge(graphdef, state)[0], tokenizer), QuestionBatches(len(task), E)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    rows = E * N
+    print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: d{args.depth} random weights, {type(task).__name__} prompts, "
+          f"{E} x {N} = {rows} rollouts of up to {args.max_new_tokens} tokens, update micro-batches of {args.device_batch_size}")
+    figures = []
+    for s in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        engine.load_weights(nnx.merge(graphdef, state)[0])
+        conversations, prompts, completions, masks = rollout(engine, tokenizer, task, next(questions), N, args.max_new_tokens,
+                                                             args.temperature, args.top_k, seed=s)
+        t1 = time.perf_counter()
+        rewards = score(task, tokenizer, conversations, completions)
+        t2 = time.perf_counter()
+        inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards), config.sequence_len, pad_id)
+        shape = (rows // args.device_batch_size, args.device_batch_size, inputs.shape[1])
+        x, y, w = (global_batch(a.reshape(shape), mesh, batch_axis=1) for a in (inputs, targets, weights))
+        state, metrics = train_step(state, x, y, w)
+        float(metrics["loss"])  # syncs
+        t3 = time.perf_counter()
+        sampled = sum(len(c) for samples in completions for c in samples)
+        figures.append((t1 - t0, sampled / (t1 - t0), t2 - t1, t3 - t2, t3 - t0))
+        print(f"step {s}{' (warm-up: compiles)' if s < args.warmup else ''} | rollout {t1 - t0:.3f}s, {sampled:,} tokens, "
+              f"{sampled / (t1 - t0):,.0f} tok/s | score {t2 - t1:.3f}s | update {t3 - t2:.3f}s (L {inputs.shape[1]}) | step {t3 - t0:.3f}s",
+              flush=True)
+    med = [statistics.median(f[i] for f in figures[args.warmup:]) for i in range(5)]
+    print(f"median of {args.steps} steps: rollout {med[0]:.3f}s ({med[1]:,.0f} tok/s) | score {med[2]:.3f}s | update {med[3]:.3f}s | "
+          f"step {med[4]:.3f}s | peak mem {peak_memory_gib():.2f} GiB")
+
+
 parser = argparse.ArgumentParser(description="nanochat_jax benchmarks")
 sub = parser.add_subparsers(dest="what", required=True)
 p = sub.add_parser("train", help="full train step at a given depth")
@@ -315,8 +365,22 @@ p.add_argument("--max-problems", type=int, default=None)
 p.add_argument("--max-new-tokens", type=int, default=512)
 p.add_argument("--batch-size", type=int, default=256, help="rows decoded together")
 
+p = sub.add_parser("rl", help="chat_rl's step: rollout, scoring and update, timed")
+p.add_argument("--depth", type=int, default=20)
+p.add_argument("--tokenizer-dir", type=str, default=None, help="default: $NANOCHAT_JAX_HOME/tokenizer")
+p.add_argument("--tasks-dir", type=str, default=None, help="GSM8K's local files (default: SpellingBee prompts)")
+p.add_argument("--examples-per-step", type=int, default=16)
+p.add_argument("--num-samples", type=int, default=16)
+p.add_argument("--max-new-tokens", type=int, default=256)
+p.add_argument("--temperature", type=float, default=1.0)
+p.add_argument("--top-k", type=int, default=50)
+p.add_argument("--device-batch-size", type=int, default=32, help="rows per update micro-batch")
+p.add_argument("--mesh", type=str, default=None)
+p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+p.add_argument("--warmup", type=int, default=2)
+
 if __name__ == "__main__":
     args = parser.parse_args()
     if args.what != "data":
         print(f"xla_env: {xla_env.configure()}")  # the launcher's flags, so the figures are the training run's
-    {"train": bench_train, "data": bench_data, "decode": bench_decode, "evals": bench_evals}[args.what](args)
+    {"train": bench_train, "data": bench_data, "decode": bench_decode, "evals": bench_evals, "rl": bench_rl}[args.what](args)

@@ -37,3 +37,12 @@ def test_decode_benchmark_prints_latency_and_mbu():
     out = bench("decode", "--depth", "2", "--batch-sizes", "3", "--prompt-len", "8", "--steps", "4", "--max-len", "32", "--vocab-size", "512",
                 "--loop", "device", "--top-k", "0")
     assert "device batch    3 |" in out and "host " not in out and "top-k 0" in out, out
+
+
+def test_rl_benchmark_times_rollout_scoring_and_update(tmp_path):
+    from nanochat_jax.tokenizer import Tokenizer
+    Tokenizer([bytes([b]) for b in range(256)]).save(str(tmp_path / "tok"))
+    out = bench("rl", "--depth", "2", "--tokenizer-dir", str(tmp_path / "tok"), "--examples-per-step", "2", "--num-samples", "2",
+                "--max-new-tokens", "8", "--device-batch-size", "2", "--steps", "2", "--warmup", "1")
+    line = out.strip().splitlines()[-1]
+    assert re.search(r"median of 2 steps: rollout [\d.]+s \([\d,]+ tok/s\) \| score [\d.]+s \| update [\d.]+s \| step [\d.]+s", line), out
