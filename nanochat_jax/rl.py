@@ -54,9 +54,11 @@ def score(task, tokenizer, conversations, completions):
                     np.float32)
 
 
-def advantages(rewards):
-    """(E, N) rewards -> each minus the mean of its question's samples."""
-    return rewards - rewards.mean(axis=1, keepdims=True)
+def advantages(rewards, normalize=False):
+    """(E, N) rewards -> each minus the mean of its question's samples (nanochat); normalize=True also divides
+    by the samples' std (GRPO's advantage; a question whose samples all scored the same stays at 0)."""
+    centred = rewards - rewards.mean(axis=1, keepdims=True)
+    return centred / (rewards.std(axis=1, keepdims=True) + 1e-4) if normalize else centred
 
 
 def padded_length(n, seq_len, smallest=64):

@@ -42,6 +42,9 @@ parser.add_argument("--device-batch-size", type=int, default=32, help="rows per 
 parser.add_argument("--max-new-tokens", type=int, default=256)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--top-k", type=int, default=50)
+parser.add_argument("--loss", type=str, default="nanochat", choices=["nanochat", "grpo"],
+                    help="grpo: the advantage divided by its question's reward std (one update per rollout, so a clipped "
+                         "ratio would always be 1 and is left out)")
 parser.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evals (-1: only at the end)")
 parser.add_argument("--eval-examples", type=int, default=400, help="held-out questions for pass@k")
 parser.add_argument("--eval-samples", type=int, default=8, help="samples per held-out question: pass@1..this")
@@ -141,7 +144,7 @@ while True:
     t1 = time.time()
     rewards = score(train_task, tokenizer, conversations, completions)
     t2 = time.time()
-    inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards), config.sequence_len, pad_id)
+    inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards, normalize=args.loss == "grpo"), config.sequence_len, pad_id)
     shape = (rows // micro_rows, micro_rows, inputs.shape[1])
     x, y, w = (global_batch(a.reshape(shape), mesh, batch_axis=1) for a in (inputs, targets, weights))
     state, metrics = train_step(state, x, y, w)

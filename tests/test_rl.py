@@ -26,6 +26,9 @@ CONFIG = GPTConfig(sequence_len=64, vocab_size=265, n_layer=2, n_head=4, n_kv_he
 def test_advantage_is_the_reward_minus_its_questions_mean():
     rewards = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]], np.float32)
     np.testing.assert_allclose(advantages(rewards), [[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0], [0.25, 0.25, 0.25, -0.75]])
+    # --loss grpo: divided by the question's std (0.5 and sqrt(3)/4); all-equal samples stay at 0
+    np.testing.assert_allclose(advantages(rewards, normalize=True), [[1, -1, -1, 1], [0, 0, 0, 0], [1 / 3**0.5] * 3 + [-3**0.5]],
+                               rtol=1e-3)
 
 
 def test_batch_trains_only_sampled_tokens_with_nanochats_per_token_weights():
