@@ -274,7 +274,7 @@ def bench_evals(args):
 def bench_rl(args):
     from flax import nnx
     from nanochat_jax.engine import Engine
-    from nanochat_jax.rl import QuestionBatches, advantages, build_batch, rollout, score
+    from nanochat_jax.rl import QuestionBatches, train_on_rollouts
     from nanochat_jax.tasks.gsm8k import GSM8K
     from nanochat_jax.tasks.spellingbee import SpellingBee
     from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
@@ -293,23 +293,12 @@ def bench_rl(args):
           f"{E} x {N} = {rows} rollouts of up to {args.max_new_tokens} tokens, update micro-batches of {args.device_batch_size}")
     figures = []
     for s in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        engine.load_weights(nnx.merge(graphdef, state)[0])
-        conversations, prompts, completions, masks = rollout(engine, tokenizer, task, next(questions), N, args.max_new_tokens,
-                                                             args.temperature, args.top_k, seed=s)
-        t1 = time.perf_counter()
-        rewards = score(task, tokenizer, conversations, completions)
-        t2 = time.perf_counter()
-        inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards), config.sequence_len, pad_id)
-        shape = (rows // args.device_batch_size, args.device_batch_size, inputs.shape[1])
-        x, y, w = (global_batch(a.reshape(shape), mesh, batch_axis=1) for a in (inputs, targets, weights))
-        state, metrics = train_step(state, x, y, w)
-        float(metrics["loss"])  # syncs
-        t3 = time.perf_counter()
-        sampled = sum(len(c) for samples in completions for c in samples)
-        figures.append((t1 - t0, sampled / (t1 - t0), t2 - t1, t3 - t2, t3 - t0))
-        print(f"step {s}{' (warm-up: compiles)' if s < args.warmup else ''} | rollout {t1 - t0:.3f}s, {sampled:,} tokens, "
-              f"{sampled / (t1 - t0):,.0f} tok/s | score {t2 - t1:.3f}s | update {t3 - t2:.3f}s (L {inputs.shape[1]}) | step {t3 - t0:.3f}s",
+        state, f = train_on_rollouts(state, graphdef, train_step, engine, tokenizer, task, next(questions), mesh, args.device_batch_size,
+                                     pad_id, N, args.max_new_tokens, args.temperature, args.top_k, seed=s)
+        tok_per_sec = f["sampled_tokens"] / f["rollout_s"]
+        figures.append((f["rollout_s"], tok_per_sec, f["score_s"], f["update_s"], f["dt"]))
+        print(f"step {s}{' (warm-up: compiles)' if s < args.warmup else ''} | rollout {f['rollout_s']:.3f}s, {f['sampled_tokens']:,} tokens, "
+              f"{tok_per_sec:,.0f} tok/s | score {f['score_s']:.3f}s | update {f['update_s']:.3f}s (L {f['seq_len']}) | step {f['dt']:.3f}s",
               flush=True)
     med = [statistics.median(f[i] for f in figures[args.warmup:]) for i in range(5)]
     print(f"median of {args.steps} steps: rollout {med[0]:.3f}s ({med[1]:,.0f} tok/s) | score {med[2]:.3f}s | update {med[3]:.3f}s | "

@@ -56,8 +56,9 @@ SPELLING = {"mid": (200_000, 80_000), "sft": (300, 300)}
 SMOLTALK_ROWS = {"mid": 460_000, "sft": 10_000}
 # Offline, chitchat stands in for SmolTalk, and the spelling tasks keep their share of its text. A SmolTalk row is
 # ~750 tokens (nanochat's ~750 mid steps of 524,288 tokens over 848K rows, most of them SmolTalk); a chitchat piece
-# ~95 (the tiny tier's tokenizer; fewer with a larger vocabulary): so one SmolTalk row counts as about 8 pieces. Sized by rows instead, SpellingBee would be a third of the offline tokens,
-# and a small model answers every question with its letter-by-letter template, never stopping.
+# ~95 (the tiny tier's tokenizer; fewer with a larger vocabulary): so one SmolTalk row counts as about 8 pieces.
+# Sized by rows instead, SpellingBee would be a third of the offline tokens, and a small model answers every
+# question with its letter-by-letter template, never stopping.
 SMOLTALK_ROW_IN_CHITCHAT_PIECES = 8
 CHITCHAT_EXCHANGES = 2  # chitchat in pieces of two exchanges: every row fits a small context and ends with an answer
 IDENTITY_COPIES = {"mid": 2, "sft": 1}  # midtraining lists the identity set twice: shown twice as often

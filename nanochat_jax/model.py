@@ -197,13 +197,10 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None):
     axes = () if mesh.empty else tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
     if not axes:
         return cross_entropy_sum(h, lm_kernel, targets, weights)
-    if weights is None:
-        local = lambda h, w, t: cross_entropy_sum(h, w, t, None, None, axes)
-        return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes)), out_specs=P(),
-                             axis_names=set(axes))(h, lm_kernel, targets)
-    local = lambda h, w, t, a: cross_entropy_sum(h, w, t, a, None, axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes), P(axes)), out_specs=P(),
-                         axis_names=set(axes))(h, lm_kernel, targets, weights)
+    per_token = (targets,) if weights is None else (targets, weights)  # split over the devices like h's rows
+    local = lambda h, w, t, *a: cross_entropy_sum(h, w, t, a[0] if a else None, None, axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P()) + (P(axes),) * len(per_token), out_specs=P(),
+                         axis_names=set(axes))(h, lm_kernel, *per_token)
 
 
 # -----------------------------------------------------------------------------

@@ -10,8 +10,14 @@ the advantage without a std division, no KL and no ratio; the normalisation is n
 (with one pass per question). Trained tokens are the sampled ones only: not the prompt, not the calculator's
 output that the engine forced into the stream, not padding.
 """
+import time
+
 import grain
 import numpy as np
+from flax import nnx
+
+from nanochat_jax.chat_dataloader import sft_buckets
+from nanochat_jax.sharding import global_batch
 
 PAD_TARGET = -1
 
@@ -61,18 +67,14 @@ def advantages(rewards, normalize=False):
     return centred / (rewards.std(axis=1, keepdims=True) + 1e-4) if normalize else centred
 
 
-def padded_length(n, seq_len, smallest=64):
-    """The smallest power of two >= n (at least `smallest`, at most seq_len): few shapes compile."""
-    return min(seq_len, max(smallest, 1 << (int(n) - 1).bit_length()))
-
-
 def build_batch(prompts, completions, masks, adv, seq_len, pad_id):
     """The training rows of a step: (inputs, targets, weights), each (E·N, L), row q·N + i being sample i of
     question q (prompt + completion). Targets are -1, and weights 0, on the prompt, on forced tokens and on
     padding; a sampled token's weight is its sample's advantage over (E x the question's sampled tokens)."""
     E, N = adv.shape
     rows = [(p, c, m) for p, samples, sample_masks in zip(prompts, completions, masks) for c, m in zip(samples, sample_masks)]
-    L = padded_length(max(len(p) + len(c) for p, c, _ in rows) - 1, seq_len)
+    longest = min(seq_len, max(len(p) + len(c) for p, c, _ in rows) - 1)
+    L = next(b for b in sft_buckets(seq_len) if b >= longest)  # SFT's few padded lengths: few shapes compile
     inputs = np.full((E * N, L), pad_id, np.int32)
     targets = np.full((E * N, L), PAD_TARGET, np.int32)
     for r, (p, c, m) in enumerate(rows):
@@ -91,3 +93,25 @@ def pass_at_k(outcomes, max_k):
     """outcomes (Q, N) 1/0 -> {k: share of questions solved by one of their first k samples}, k = 1..max_k."""
     outcomes = np.asarray(outcomes, bool)
     return {k: float(outcomes[:, :k].any(axis=1).mean()) for k in range(1, min(max_k, outcomes.shape[1]) + 1)}
+
+
+def train_on_rollouts(state, graphdef, train_step, engine, tokenizer, task, indices, mesh, micro_rows, pad_id, num_samples,
+                      max_new_tokens, temperature, top_k, seed, normalize=False):
+    """One RL step: refresh the engine from state, roll out num_samples completions of each question, score them
+    and take the weighted update in micro-batches of micro_rows rows. Returns (state, figures): the loss, the
+    mean reward, the sampled tokens, the padded length and the seconds of each phase."""
+    t0 = time.perf_counter()
+    engine.load_weights(nnx.merge(graphdef, state)[0])
+    conversations, prompts, completions, masks = rollout(engine, tokenizer, task, indices, num_samples, max_new_tokens,
+                                                         temperature, top_k, seed)
+    t1 = time.perf_counter()
+    rewards = score(task, tokenizer, conversations, completions)
+    t2 = time.perf_counter()
+    inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards, normalize), engine.max_len, pad_id)
+    shape = (inputs.shape[0] // micro_rows, micro_rows, inputs.shape[1])
+    state, metrics = train_step(state, *(global_batch(a.reshape(shape), mesh, batch_axis=1) for a in (inputs, targets, weights)))
+    loss = float(metrics["loss"])  # syncs: the update's time is in update_s
+    t3 = time.perf_counter()
+    return state, {"loss": loss, "metrics": metrics, "reward": float(rewards.mean()),
+                   "sampled_tokens": sum(len(c) for samples in completions for c in samples), "seq_len": int(inputs.shape[1]),
+                   "rollout_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2, "dt": t3 - t0}

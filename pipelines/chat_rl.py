@@ -11,7 +11,6 @@ python -m pipelines.chat_rl --task SpellingBee --examples-per-step 4 --num-sampl
 import argparse
 import os
 import sys
-import time
 
 import jax
 from flax import nnx
@@ -22,8 +21,8 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
-from nanochat_jax.rl import QuestionBatches, advantages, build_batch, pass_at_k, rollout, score
-from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.rl import QuestionBatches, pass_at_k, rollout, score, train_on_rollouts
+from nanochat_jax.sharding import init_distributed, make_mesh
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.spellingbee import SpellingBee
 from nanochat_jax.tokenizer import get_tokenizer
@@ -88,7 +87,7 @@ schedule = dict(warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)  # 1 - 
 tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
 checkpointer = Checkpointer(run_dir, keep=args.keep)
 resuming = args.resume or args.resume_step is not None
-loop = {"total_training_time": 0.0, "reward_ema": 0.0}
+loop = {"total_training_time": 0.0}
 graphdef, state, step, loop = start_or_resume(checkpointer, args, (args.source, tag, args.step), config, tx, mesh, questions, loop,
                                               **backend_settings())
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
@@ -137,30 +136,16 @@ while True:
     if last or step == args.max_steps:
         break
 
-    t0 = time.time()
-    refresh_engine()
-    conversations, prompts, completions, masks = rollout(engine, tokenizer, train_task, next(questions), args.num_samples,
-                                                         args.max_new_tokens, seed=args.seed + step, **sample)
-    t1 = time.time()
-    rewards = score(train_task, tokenizer, conversations, completions)
-    t2 = time.time()
-    inputs, targets, weights = build_batch(prompts, completions, masks, advantages(rewards, normalize=args.loss == "grpo"), config.sequence_len, pad_id)
-    shape = (rows // micro_rows, micro_rows, inputs.shape[1])
-    x, y, w = (global_batch(a.reshape(shape), mesh, batch_axis=1) for a in (inputs, targets, weights))
-    state, metrics = train_step(state, x, y, w)
-    loss = float(metrics["loss"])
-    t3 = time.time()
-    stop_if_diverged(loss, metrics, step, checkpointer, run_dir)
-    sampled = sum(len(c) for samples in completions for c in samples)
+    state, f = train_on_rollouts(state, graphdef, train_step, engine, tokenizer, train_task, next(questions), mesh, micro_rows, pad_id,
+                                 args.num_samples, args.max_new_tokens, seed=args.seed + step, normalize=args.loss == "grpo", **sample)
+    stop_if_diverged(f["loss"], f["metrics"], step, checkpointer, run_dir)
     if step > first_step + 3:
-        loop["total_training_time"] += t3 - t0  # the first steps include compilation
-    reward = float(rewards.mean())
-    loop["reward_ema"] = 0.9 * loop["reward_ema"] + 0.1 * reward
+        loop["total_training_time"] += f["dt"]  # the first steps include compilation
     lrm = lr_multiplier(step, num_iterations, **schedule)
-    print0(f"step {step:05d}/{num_iterations:05d} | reward {reward:.4f} | loss {loss:+.6f} | lrm {lrm:.3f} | "
-           f"rollout {t1 - t0:.2f}s ({sampled / (t1 - t0):,.0f} tok/s) | score {t2 - t1:.2f}s | update {t3 - t2:.2f}s | L {inputs.shape[1]}")
-    log.write({"step": step, "reward": reward, "loss": loss, "lrm": lrm, "dt": t3 - t0, "rollout_s": t1 - t0, "score_s": t2 - t1,
-               "update_s": t3 - t2, "sampled_tokens": sampled, "rollout_tok_per_sec": sampled / (t1 - t0), "seq_len": int(inputs.shape[1])})
+    tok_per_sec = f["sampled_tokens"] / f["rollout_s"]
+    print0(f"step {step:05d}/{num_iterations:05d} | reward {f['reward']:.4f} | loss {f['loss']:+.6f} | lrm {lrm:.3f} | "
+           f"rollout {f['rollout_s']:.2f}s ({tok_per_sec:,.0f} tok/s) | score {f['score_s']:.2f}s | update {f['update_s']:.2f}s | L {f['seq_len']}")
+    log.write({"step": step, "lrm": lrm, "rollout_tok_per_sec": tok_per_sec, **{k: v for k, v in f.items() if k != "metrics"}})
     step += 1
 
 checkpointer.wait()

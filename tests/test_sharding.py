@@ -60,6 +60,25 @@ def test_sharded_training_matches_one_device(single_device, mesh_spec):
         assert rel < 1e-5, f"{name}: relative difference {rel:.2e} on mesh {mesh_spec}"
 
 
+def test_weighted_step_on_a_mesh_matches_one_device():
+    """RL's update (per-token weights, each device summing its own rows' chunks under shard_map) gives one
+    device's loss and parameters on data x fsdp."""
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, CONFIG.vocab_size, (2, 8, CONFIG.sequence_len + 1), dtype=np.int32)
+    weights = rng.normal(size=(2, 8, CONFIG.sequence_len)).astype(np.float32) / 100
+    out = []
+    for spec, devices in (("data=1", jax.devices()[:1]), ("data=4,fsdp=2", jax.devices())):
+        mesh = make_mesh(spec, devices=devices)
+        tx = build_optimizer(CONFIG.n_embd, num_iterations=10, ns_dtype=jnp.float32)
+        graphdef, state = init_train_state(CONFIG, tx, mesh, seed=0)
+        step = make_train_step(graphdef, state, weighted=True)
+        state, metrics = step(state, *(global_batch(a, mesh, batch_axis=1) for a in (batch[..., :-1], batch[..., 1:], weights)))
+        out.append((float(metrics["loss"]), np.asarray(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)["lm_head"]["kernel"][...])))
+    (loss_1, head_1), (loss_8, head_8) = out
+    assert loss_8 == pytest.approx(loss_1, rel=1e-5)
+    assert np.linalg.norm(head_8 - head_1) / np.linalg.norm(head_1) < 1e-5
+
+
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
     """FSDP shards D over fsdp; tensor parallelism shards the MLP hidden; the Muon momentum follows its param."""
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
