@@ -5,10 +5,13 @@ already exists is skipped, so a speedrun that was interrupted continues where it
 
 python run_speedrun.py --tier=tiny                      # CPU, minutes, embedded corpus
 python run_speedrun.py --tier=d20 --data-dir DIR        # GPUs
+python run_speedrun.py --tier=d20 --rehearsal --data-dir DIR --tasks-dir DIR --eval-bundle ZIP   # every stage, a few steps
 """
 import argparse
 import importlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +24,27 @@ RL_STAGES = {"chat_rl", "chat_eval_rl"}
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
 INPUT_STAGES = {"data", "eval_bundle"}  # stages that fetch inputs and write no report section
 TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}  # stage -> its checkpoints' stage name
+# --rehearsal: every stage at the tier's shapes for a few steps (S), offline, on small eval subsets. It proves the whole
+# path on one GPU in minutes and measures the step times that docs/performance.md extrapolates to a full run.
+def rehearsal_flags(stage, S):
+    return {"data": dict(num_shards=4) if "num_shards" in config.data else {},  # 3 train shards and the val, unless --data-dir
+            "tok_eval": dict(download_timeout=3),
+            "base_train": dict(num_iterations=S, eval_every=-1, eval_tokens=524_288, sample_every=-1, core_metric_every=-1, save_every=-1),
+            "base_loss": dict(split_tokens=524_288),
+            "base_eval": dict(max_per_task=20),
+            "mid_train": dict(mixture="offline", num_iterations=S, eval_every=-1, eval_tokens=524_288),
+            "chat_sft": dict(mixture="offline", num_iterations=2 * S, eval_every=-1, eval_steps=4, eval_metrics_every=-1,
+                             eval_metrics_max_problems=64),
+            "chat_rl": dict(task="GSM8K" if args.tasks_dir else "SpellingBee", num_iterations=S, eval_every=-1, eval_examples=16),
+            "chat_eval": dict(max_problems=24, max_new_tokens=256)}.get(stage, {})
+
+
 CHAT_STAGES = {"mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"}  # stages that read the chat tasks
+
+
+def base_dir():
+    from nanochat_jax.common import get_base_dir
+    return get_base_dir()
 
 
 def base_tag(config):
@@ -49,21 +72,29 @@ parser.add_argument("--eval-bundle", type=str, default=None, help="CORE eval bun
 parser.add_argument("--tasks-dir", type=str, default=None, help="local chat task data (gzip JSON lines) for mid, SFT and the chat evals")
 parser.add_argument("--rl", action=argparse.BooleanOptionalAction, default=None,
                     help="run chat_rl and its chat eval (default: where the tier configures chat_rl, as tiny does)")
+parser.add_argument("--rehearsal", action="store_true", help="every stage (RL too) for a few steps at the tier's shapes, offline")
+parser.add_argument("--rehearsal-steps", type=int, default=6, help="optimizer steps per training stage in --rehearsal (SFT: twice)")
+parser.add_argument("--gpu-hourly-rate", type=float, default=None,
+                    help="$ per GPU per hour for the cost estimate (default: nanochat's, H100 3.00, A100 1.79, V100 0.55, else 2.00)")
 parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
 args = parser.parse_args()
 config = importlib.import_module(f"configs.{args.tier}")
+if args.rehearsal:  # a home of its own: the rehearsal's finished stages must not count as the real run's
+    os.environ["NANOCHAT_JAX_HOME"] = os.path.join(base_dir(), f"rehearsal_{args.tier}")
 
 
 def stage_command(stage):
     flags = dict(getattr(config, stage, {}))
     if stage.startswith("chat_eval_"):  # chat_eval_mid, chat_eval_sft: chat_eval's flags, on that stage's model
         flags = dict(getattr(config, "chat_eval", {}), source=stage.removeprefix("chat_eval_"))
+    if args.rehearsal:
+        flags.update(rehearsal_flags("chat_eval" if stage.startswith("chat_eval_") else stage, args.rehearsal_steps))
     if stage in CHAT_STAGES and args.tasks_dir:
         flags["tasks_dir"] = os.path.abspath(args.tasks_dir)
     if stage in DATA_STAGES and args.data_dir:
         flags["data_dir"] = args.data_dir
-    if stage == "base_train":
-        flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k in ("data_dir",)}}
+    if stage == "base_train":  # base_train reads the tier's config itself; only the overrides go on its command line
+        flags = {"tier": args.tier, **{k: v for k, v in flags.items() if k not in config.base_train or flags[k] != config.base_train[k]}}
     if stage in ("base_loss", "base_eval", "mid_train", "chat_sft", "chat_rl") or stage.startswith("chat_eval"):
         flags["tag"] = base_tag(config)
     if stage in ("base_train", "base_eval") and args.eval_bundle:
@@ -94,21 +125,74 @@ def unavailable(stage, config):
     return None
 
 
-def base_dir():
-    from nanochat_jax.common import get_base_dir
-    return get_base_dir()
+def gpus():
+    """(count, name) of the host's NVIDIA GPUs from nvidia-smi, or (0, None). Not through jax: a backend started in
+    this process would hold GPU memory for the whole run, under every stage."""
+    if not shutil.which("nvidia-smi"):
+        return 0, None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout.split("\n")
+    names = [n.strip() for n in out if n.strip()]
+    return len(names), (names[0] if names else None)
+
+
+def hourly_rate(gpu_name):
+    """nanochat's per-GPU hourly rates, by the GPU's name."""
+    if args.gpu_hourly_rate is not None:
+        return args.gpu_hourly_rate
+    return next((rate for kind, rate in (("H100", 3.00), ("A100", 1.79), ("V100", 0.55)) if kind in (gpu_name or "")), 2.00)
+
+
+def times_path():
+    return os.path.join(base_dir(), "report", "stage_times.json")
+
+
+def read_times():
+    try:
+        with open(times_path()) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def record_time(stage, seconds):
+    """Keep each stage's wall time beside the report sections (a rerun that skips a stage keeps its time)."""
+    times = dict(read_times(), **{stage: round(seconds, 1)})
+    tmp = times_path() + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(times, f, indent=1)
+    os.replace(tmp, times_path())  # a half-written file never replaces a good one
+
+
+def speedrun_section(left_out):
+    """The report's "Speedrun" section: the time table, the GPU-hours and their cost."""
+    from nanochat_jax.report import get_report
+    times = read_times()
+    rows = ["| stage | seconds |", "|---|---|"]
+    for stage in STAGES:
+        seconds = times.get(stage)
+        rows.append(f"| {stage} | {'left out' if stage in left_out else '-' if seconds is None else f'{seconds:,.1f}'} |")
+    total = sum(times.get(stage, 0.0) for stage in STAGES)
+    n_gpus, gpu_name = gpus()
+    info = {"tier": args.tier, "rehearsal": args.rehearsal, "stages' time": f"{total:,.1f}s ({total / 3600:.2f}h)"}
+    if n_gpus:
+        rate = hourly_rate(gpu_name)
+        info.update({"GPUs": f"{n_gpus} x {gpu_name}", "GPU hourly rate": f"${rate:.2f}",
+                     "estimated cost": f"${n_gpus * rate * total / 3600:,.2f} ({n_gpus} GPUs x {total / 3600:.2f}h x ${rate:.2f})"})
+    else:
+        info["estimated cost"] = "- (no GPU)"
+    get_report().log("Speedrun", [info, "\n".join(rows)])
 
 
 t_start, left_out = time.time(), []
-run_rl = args.rl if args.rl is not None else hasattr(config, "chat_rl")
+run_rl = args.rl if args.rl is not None else (args.rehearsal or hasattr(config, "chat_rl"))
 if not run_rl:
     STAGES = [stage for stage in STAGES if stage not in RL_STAGES]
 if not args.dry_run:
-    from nanochat_jax.report import get_report
     # a fresh run (no stage has written its report section yet): new header (date, commit, hardware).
-    # data and eval_bundle count as done when given on the command line, so they say nothing about that
+    # data and eval_bundle count as done when given on the command line, so they say nothing about that.
+    # In a child process: the header asks jax for the devices, and a backend started here would keep its GPU memory
     if not any(done(stage, config) for stage in STAGES if stage not in INPUT_STAGES):
-        get_report().reset()
+        subprocess.run([sys.executable, "-m", "nanochat_jax.report", "reset"], check=True)
 for stage in STAGES:
     cmd = stage_command(stage)
     if done(stage, config):
@@ -125,7 +209,10 @@ for stage in STAGES:
     result = subprocess.run(cmd)
     if result.returncode != 0:
         sys.exit(f"stage {stage} failed (exit code {result.returncode}); later stages were not run")
+    record_time(stage, time.time() - t0)
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
 if not args.dry_run:
+    from nanochat_jax.report import get_report
+    speedrun_section(left_out)
     print(f"\nreport card: {get_report().generate()}")
 print(f"\nall stages done in {time.time() - t_start:.1f}s" + (f" (left out: {', '.join(left_out)})" if left_out else ""))

@@ -21,7 +21,7 @@ base_eval = dict(max_per_task=4)  # CORE on 4 items of each of the 22 tasks: a c
 # base's step of 2,048 tokens (one epoch: ~115 steps); SFT keeps nanochat's 32 conversations a step in micro-batches
 # of 4 (~25 steps).
 mid_train = dict(mixture="offline", mixture_fraction=0.05, device_batch_size=8, total_batch_size=2048,
-                 eval_every=50, eval_tokens=16_384)
+                 eval_every=50, eval_tokens=16_384, save_every=50)  # a checkpoint midway: an interrupted run resumes there
 chat_sft = dict(mixture="offline", mixture_fraction=0.05, eval_every=5, eval_steps=8, eval_metrics_every=-1)
 # RL on SpellingBee (its rewards need no download): a few steps of 4 questions x 8 samples, to show the stage runs
 chat_rl = dict(task="SpellingBee", examples_per_step=4, num_samples=8, device_batch_size=8, num_iterations=6,

@@ -274,7 +274,7 @@ def bench_evals(args):
 def bench_rl(args):
     from flax import nnx
     from nanochat_jax.engine import Engine
-    from nanochat_jax.rl import QuestionBatches, train_on_rollouts
+    from nanochat_jax.rl import QuestionBatches, longest_prompt, train_on_rollouts
     from nanochat_jax.tasks.gsm8k import GSM8K
     from nanochat_jax.tasks.spellingbee import SpellingBee
     from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
@@ -288,13 +288,13 @@ def bench_rl(args):
     task = GSM8K("main", "train", tasks_dir=args.tasks_dir) if args.tasks_dir else SpellingBee(size=7_473, split="train")
     engine, questions = Engine(nnx.merge(graphdef, state)[0], tokenizer), QuestionBatches(len(task), E)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
-    rows = E * N
+    rows, prompt_len = E * N, longest_prompt(tokenizer, task)
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()}: d{args.depth} random weights, {type(task).__name__} prompts, "
           f"{E} x {N} = {rows} rollouts of up to {args.max_new_tokens} tokens, update micro-batches of {args.device_batch_size}")
     figures = []
     for s in range(args.warmup + args.steps):
         state, f = train_on_rollouts(state, graphdef, train_step, engine, tokenizer, task, next(questions), mesh, args.device_batch_size,
-                                     pad_id, N, args.max_new_tokens, args.temperature, args.top_k, seed=s)
+                                     pad_id, N, args.max_new_tokens, args.temperature, args.top_k, seed=s, prompt_len=prompt_len)
         tok_per_sec = f["sampled_tokens"] / f["rollout_s"]
         figures.append((f["rollout_s"], tok_per_sec, f["score_s"], f["update_s"], f["dt"]))
         print(f"step {s}{' (warm-up: compiles)' if s < args.warmup else ''} | rollout {f['rollout_s']:.3f}s, {f['sampled_tokens']:,} tokens, "

@@ -288,16 +288,17 @@ class Engine:
         """Prefill one prompt for num_samples rows (see _start_many)."""
         return self._start_many([tokens], num_samples, temperature, top_k, top_p, seed, cache_len, static_mode)
 
-    def _start_many(self, prompts, num_samples, temperature, top_k, top_p, seed, cache_len=None, static_mode=False):
+    def _start_many(self, prompts, num_samples, temperature, top_k, top_p, seed, cache_len=None, static_mode=False, pad_len=0):
         """Prefill prompts for num_samples rows each: (first tokens, k, v, seeds, rows, knobs, mode), the caches
         of cache_len positions (default max_len), seeds, rows and knobs already on the device. Row i·N + j is
         sample j of prompt i, keyed (seed, j): the same draws as that prompt decoded alone. static_mode: compile
-        the sampling path these knobs need (mode) rather than choose it on the device (mode None)."""
+        the sampling path these knobs need (mode) rather than choose it on the device (mode None). pad_len: pad the
+        prompts to the bucket of at least this many tokens."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         for P in lengths:
             if not 0 < P < self.max_len:
                 raise ValueError(f"prompt of {P} tokens does not fit the KV cache of {self.max_len} positions (at least one must stay free)")
-        padded = np.zeros((len(prompts), self.bucket(lengths.max())), np.int32)
+        padded = np.zeros((len(prompts), self.bucket(max(pad_len, lengths.max()))), np.int32)
         for i, p in enumerate(prompts):
             padded[i, :len(p)] = p
         R = len(prompts) * num_samples
@@ -370,10 +371,13 @@ class Engine:
         results, masks = self.generate_many([tokens], num_samples, max_tokens, temperature, top_k, top_p, seed)
         return results[0], masks[0]
 
-    def generate_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42, batch_size=None):
+    def generate_many(self, prompts, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42, batch_size=None,
+                      prompt_len=None):
         """generate_batch for many prompts at once: results[i][j] and masks[i][j] are sample j of prompt i, the
         same tokens prompt i gets alone. Prompts are sorted by length and decoded batch_size rows (default: all
-        of them) at a time, every batch padded to the same number of prompts, so few shapes compile."""
+        of them) at a time, every batch padded to the same number of prompts, so few shapes compile. prompt_len:
+        shape every batch for prompts this long (default: its own longest), so that calls with other prompts (RL's
+        steps) reuse one compiled prefill and cache size."""
         N, M = num_samples, max_tokens or self.max_len
         per_batch = max(1, min(len(prompts), (batch_size or len(prompts) * N) // N))  # prompts per batch
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -382,16 +386,17 @@ class Engine:
             chunk = order[b:b + per_batch]
             batch = [prompts[i] for i in chunk]
             batch += [batch[0]] * (per_batch - len(batch))  # filler rows (dropped) keep the shapes fixed
-            out, mask = self._decode_rows(batch, N, M, temperature, top_k, top_p, seed)
+            out, mask = self._decode_rows(batch, N, M, temperature, top_k, top_p, seed, prompt_len)
             for j, i in enumerate(chunk):
                 results[i], masks[i] = out[j * N:(j + 1) * N], mask[j * N:(j + 1) * N]
         return results, masks
 
-    def _decode_rows(self, prompts, N, M, temperature, top_k, top_p, seed):
+    def _decode_rows(self, prompts, N, M, temperature, top_k, top_p, seed, prompt_len=None):
         """Decode N samples of each prompt as one batch on the device loop; (tokens, masks) per row."""
-        cache_len = self.cache_len(max(len(p) for p in prompts), M)  # long enough for every row's max_tokens
+        P = max(prompt_len or 0, max(len(p) for p in prompts))
+        cache_len = self.cache_len(P, M)  # long enough for every row's max_tokens
         first, k, v, seeds, rows, knobs, mode = self._start_many(prompts, N, temperature, top_k, top_p, seed,
-                                                                 cache_len=cache_len, static_mode=True)
+                                                                 cache_len=cache_len, static_mode=True, pad_len=P)
         R = len(prompts) * N
         pos = np.repeat([len(p) for p in prompts], N).astype(np.int32)
         zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)

@@ -44,13 +44,20 @@ class QuestionBatches(grain.DatasetIterator):
         self.step = state["step"]
 
 
-def rollout(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, seed):
+def longest_prompt(tokenizer, task):
+    """Tokens in the task's longest rendered prompt: rollouts shaped for it compile once per run, not whenever a
+    step's questions happen to be longer than every step's before."""
+    return max(len(tokenizer.render_for_completion(task[i])) for i in range(len(task)))
+
+
+def rollout(engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, seed, prompt_len=None):
     """Sample num_samples completions of each question on the engine's device loop: (conversations, prompts,
-    completions, masks), masks being the engine's (0 where the calculator forced a token)."""
+    completions, masks), masks being the engine's (0 where the calculator forced a token). prompt_len: the
+    shapes' prompt length (longest_prompt of the task), as Engine.generate_many takes it."""
     conversations = [task[i] for i in indices]
     prompts = [tokenizer.render_for_completion(c) for c in conversations]
     completions, masks = engine.generate_many(prompts, num_samples=num_samples, max_tokens=max_new_tokens,
-                                              temperature=temperature, top_k=top_k, seed=seed)
+                                              temperature=temperature, top_k=top_k, seed=seed, prompt_len=prompt_len)
     return conversations, prompts, completions, masks
 
 
@@ -96,14 +103,14 @@ def pass_at_k(outcomes, max_k):
 
 
 def train_on_rollouts(state, graphdef, train_step, engine, tokenizer, task, indices, mesh, micro_rows, pad_id, num_samples,
-                      max_new_tokens, temperature, top_k, seed, normalize=False):
+                      max_new_tokens, temperature, top_k, seed, normalize=False, prompt_len=None):
     """One RL step: refresh the engine from state, roll out num_samples completions of each question, score them
     and take the weighted update in micro-batches of micro_rows rows. Returns (state, figures): the loss, the
     mean reward, the sampled tokens, the padded length and the seconds of each phase."""
     t0 = time.perf_counter()
     engine.load_weights(nnx.merge(graphdef, state)[0])
     conversations, prompts, completions, masks = rollout(engine, tokenizer, task, indices, num_samples, max_new_tokens,
-                                                         temperature, top_k, seed)
+                                                         temperature, top_k, seed, prompt_len)
     t1 = time.perf_counter()
     rewards = score(task, tokenizer, conversations, completions)
     t2 = time.perf_counter()

@@ -21,7 +21,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
-from nanochat_jax.rl import QuestionBatches, pass_at_k, rollout, score, train_on_rollouts
+from nanochat_jax.rl import QuestionBatches, longest_prompt, pass_at_k, rollout, score, train_on_rollouts
 from nanochat_jax.sharding import init_distributed, make_mesh
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.spellingbee import SpellingBee
@@ -95,6 +95,7 @@ train_step = make_train_step(graphdef, state, weighted=True)
 engine = Engine(nnx.merge(graphdef, state)[0], tokenizer)  # its weights are refreshed from the state before every use
 pad_id = tokenizer.encode_special("<|assistant_end|>")
 sample = dict(temperature=args.temperature, top_k=args.top_k)
+prompt_len = longest_prompt(tokenizer, train_task)  # every step's rollout shaped alike: compiled once
 
 
 def refresh_engine():
@@ -137,7 +138,8 @@ while True:
         break
 
     state, f = train_on_rollouts(state, graphdef, train_step, engine, tokenizer, train_task, next(questions), mesh, micro_rows, pad_id,
-                                 args.num_samples, args.max_new_tokens, seed=args.seed + step, normalize=args.loss == "grpo", **sample)
+                                 args.num_samples, args.max_new_tokens, seed=args.seed + step, normalize=args.loss == "grpo", prompt_len=prompt_len,
+                                 **sample)
     stop_if_diverged(f["loss"], f["metrics"], step, checkpointer, run_dir)
     if step > first_step + 3:
         loop["total_training_time"] += f["dt"]  # the first steps include compilation

@@ -117,6 +117,17 @@ def test_many_prompts_decode_together_as_each_alone(engine):
     assert all(len(r) <= 64 - 56 + 1 for r in alone[2][0])  # positions 56..63, then one token never fed
 
 
+def test_prompt_len_shapes_batches_of_other_prompts_alike(model):
+    """RL's rollouts: shaped for the task's longest prompt, steps whose prompts fall in different length buckets
+    (16 and 32 here) share one compiled prefill, and each prompt still gets exactly its own tokens."""
+    engine = Engine(model, BYTES)  # its own compiled functions, to count them
+    knobs = dict(num_samples=2, max_tokens=8, temperature=1.0, top_k=20, seed=3)
+    steps = [[PROMPT[:3], PROMPT[:5]], [PROMPT, [256] + [97] * 20]]
+    shaped = [engine.generate_many(prompts, prompt_len=21, **knobs)[0] for prompts in steps]
+    assert engine._prefill._cache_size() == 1
+    assert shaped == [[engine.generate_batch(p, **knobs)[0] for p in prompts] for prompts in steps]
+
+
 def test_top_p_keeps_the_smallest_set_with_enough_mass():
     """Nucleus and top-k on a known distribution: only allowed tokens ever come out."""
     from nanochat_jax.engine import row_keys, sample_next

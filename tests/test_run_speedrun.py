@@ -1,8 +1,10 @@
 """run_speedrun.py: the README's main command."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,16 +28,49 @@ def test_dry_run_shows_each_stage_with_its_tier_flags(tmp_path):
     assert "-m pipelines.base_train --tier d20 --data-dir /data/shards" in result.stdout
 
 
+def test_rehearsal_runs_every_stage_for_a_few_steps_offline_in_its_own_home(tmp_path):
+    result = run("--tier=d20", "--rehearsal", "--rehearsal-steps", "5", "--data-dir", "/data/shards", "--tasks-dir", "/data/tasks",
+                 "--dry-run", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "-m pipelines.base_train --tier d20 --num-iterations 5 --eval-every -1" in out  # d20's shapes, 5 steps
+    assert "-m pipelines.mid_train --mixture offline --num-iterations 5" in out
+    assert "-m pipelines.chat_sft --mixture offline --num-iterations 10" in out
+    assert "-m pipelines.chat_rl --task GSM8K --num-iterations 5" in out  # RL too, on the local GSM8K
+    assert "-m pipelines.chat_eval --source rl --max-problems 24" in out
+    assert (tmp_path / "rehearsal_d20").is_dir()  # its own home: a real run in this home skips none of its stages
+    without_tasks = run("--tier=d20", "--rehearsal", "--dry-run", home=tmp_path).stdout
+    assert "-m nanochat_jax.dataset --num-shards 4" in without_tasks and "--task SpellingBee" in without_tasks
+
+
+def kill_when(cmd, env, ready, timeout=1500):
+    """Start cmd in its own process group and SIGKILL the whole group once ready() holds (a power cut)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, monkeypatch):
-    """The README's main command: every stage runs, val bpb clearly falls, the report card is written;
-    run again, every stage is found done and skipped. With the shared CORE-offline bundle base_eval runs
-    too; without one, the offline tier leaves it out and says why."""
+    """The README's main command: killed in the middle of midtraining, it is run again and resumes that stage
+    from its checkpoint; then every stage has run, val bpb clearly falls, the report card is written; run a third
+    time, every stage is found done and skipped. With the shared CORE-offline bundle base_eval runs too; without
+    one, the offline tier leaves it out and says why."""
     monkeypatch.chdir(tmp_path)
     bundle = ["--eval-bundle", BUNDLE] if os.path.isfile(BUNDLE) else []
+    mid_dir = tmp_path / "home" / "mid_checkpoints" / "d4"
+    kill_when([sys.executable, "run_speedrun.py", "--tier=tiny", *bundle], dict(os.environ, NANOCHAT_JAX_HOME=str(tmp_path / "home")),
+              ready=lambda: (mid_dir / "50").is_dir())  # orbax renames a checkpoint into place once it is whole
+    assert not (tmp_path / "home" / "report" / "midtraining.md").exists()
     result = run("--tier=tiny", *bundle, home=tmp_path / "home")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "all stages done" in result.stdout
+    assert "=== base_train: already done" in result.stdout and "--resume" in result.stdout.split("=== mid_train: ")[1].split("\n")[0]
+    assert "resumed from step 50" in result.stdout.split("=== mid_train: ")[1].split("=== mid_train done")[0]
     rows = [json.loads(line) for line in open(tmp_path / "home" / "base_checkpoints" / "d4" / "metrics.jsonl")]
     bpb = [r["val_bpb"] for r in rows if "val_bpb" in r]
     assert bpb[-1] < 0.7 * bpb[0], bpb
@@ -46,6 +81,7 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
                     "## Chat evaluation rl", "## Summary"):
         assert section in report
     mid = [json.loads(line) for line in open(tmp_path / "home" / "mid_checkpoints" / "d4" / "metrics.jsonl")]
+    assert [r["step"] for r in mid if "loss" in r] == sorted({r["step"] for r in mid if "loss" in r})  # no step twice
     mid_bpb = [r["val_bpb"] for r in mid if "val_bpb" in r]
     assert mid_bpb[-1] < mid_bpb[0], mid_bpb  # the chat mixture is learned
     sft = [json.loads(line) for line in open(tmp_path / "home" / "sft_checkpoints" / "d4" / "metrics.jsonl")]
@@ -54,6 +90,9 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     assert "Stops within 128 tokens (50 held-out prompts)" in sft_eval and "Names itself (20 held-out questions)" in sft_eval
     assert (tmp_path / "home" / "report" / "chat_rl_curves.png").is_file() and "| RL |" in report.split("## Summary")[1]
     assert "chitchat train: 500" in report and "identity conversations: 300" in report  # the sources, with their rows
+    times = json.load(open(tmp_path / "home" / "report" / "stage_times.json"))
+    assert {"tok_train", "base_train", "mid_train", "chat_sft", "chat_rl", "chat_eval_rl"} <= set(times)
+    assert "## Speedrun" in report and "| mid_train |" in report and "estimated cost" in report
     if bundle:
         assert "## Base model evaluation" in report and "CORE-offline" in report
         assert "| CORE |" in report  # the summary table's row
