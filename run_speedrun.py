@@ -12,6 +12,7 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,21 @@ RL_STAGES = {"chat_rl", "chat_eval_rl"}
 DATA_STAGES = {"tok_train", "tok_eval", "base_train", "base_loss"}  # stages that read the pretraining shards
 INPUT_STAGES = {"data", "eval_bundle"}  # stages that fetch inputs and write no report section
 TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_rl": "rl"}  # stage -> its checkpoints' stage name
+# Stages that run as a group of processes when JAX_NUM_PROCESSES is set; chat_rl and chat_eval decode on one
+# device, and the data and tokenizer stages use no accelerator, so they stay one process.
+PROCESS_GROUP = {"base_train", "base_loss", "base_eval", "mid_train", "chat_sft"}
+CHAT_STAGES = {"mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"}  # stages that read the chat tasks
+
+
+def base_dir():
+    from nanochat_jax.common import get_base_dir
+    return get_base_dir()
+
+
+def base_tag(config):
+    return f"d{config.base_train['depth']}"
+
+
 # --rehearsal: every stage at the tier's shapes for a few steps (S), offline, on small eval subsets. It proves the whole
 # path on one GPU in minutes and measures the step times that docs/performance.md extrapolates to a full run.
 def rehearsal_flags(stage, S):
@@ -37,18 +53,6 @@ def rehearsal_flags(stage, S):
                              eval_metrics_max_problems=64),
             "chat_rl": dict(task="GSM8K" if args.tasks_dir else "SpellingBee", num_iterations=S, eval_every=-1, eval_examples=16),
             "chat_eval": dict(max_problems=24, max_new_tokens=256)}.get(stage, {})
-
-
-CHAT_STAGES = {"mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"}  # stages that read the chat tasks
-
-
-def base_dir():
-    from nanochat_jax.common import get_base_dir
-    return get_base_dir()
-
-
-def base_tag(config):
-    return f"d{config.base_train['depth']}"
 
 
 def done(stage, config):
@@ -79,6 +83,10 @@ parser.add_argument("--gpu-hourly-rate", type=float, default=None,
 parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
 args = parser.parse_args()
 config = importlib.import_module(f"configs.{args.tier}")
+num_processes = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+if num_processes > 1 and "JAX_PROCESS_ID" in os.environ:
+    sys.exit("run_speedrun.py starts the processes of this host itself (JAX_NUM_PROCESSES=N, no JAX_PROCESS_ID); "
+             "for several hosts, launch each stage on every host as the README's 'Several GPUs, several processes' says")
 if args.rehearsal:  # a home of its own: the rehearsal's finished stages must not count as the real run's
     os.environ["NANOCHAT_JAX_HOME"] = os.path.join(base_dir(), f"rehearsal_{args.tier}")
 
@@ -163,6 +171,41 @@ def record_time(stage, seconds):
     os.replace(tmp, times_path())  # a half-written file never replaces a good one
 
 
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_stage(stage, cmd):
+    """Run a stage to its end and return its exit code. With JAX_NUM_PROCESSES=N, a PROCESS_GROUP stage runs as N
+    local processes around one coordinator, the host's GPUs split evenly between them; when one fails the others
+    are stopped, since they would wait for it in a collective."""
+    if num_processes <= 1 or stage not in PROCESS_GROUP:
+        return subprocess.run(cmd).returncode
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpu_ids = visible.split(",") if visible else [str(i) for i in range(gpus()[0])]
+    if gpu_ids and len(gpu_ids) % num_processes:
+        sys.exit(f"JAX_NUM_PROCESSES={num_processes} does not divide the host's {len(gpu_ids)} GPUs")
+    per, address = len(gpu_ids) // num_processes, f"127.0.0.1:{free_port()}"
+    procs = []
+    for i in range(num_processes):
+        env = dict(os.environ, JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=address)
+        if gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids[i * per:(i + 1) * per])
+        procs.append(subprocess.Popen(cmd, env=env))
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed or all(c == 0 for c in codes):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            return failed[0] if failed else 0
+        time.sleep(1)
+
+
 def speedrun_section(left_out):
     """The report's "Speedrun" section: the time table, the GPU-hours and their cost."""
     from nanochat_jax.report import get_report
@@ -202,13 +245,14 @@ for stage in STAGES:
         print(f"\n=== {stage}: left out: {why}", flush=True)
         left_out.append(stage)
         continue
-    print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+    group = f" ({num_processes} processes)" if num_processes > 1 and stage in PROCESS_GROUP else ""
+    print(f"\n=== {stage}{group}: {' '.join(cmd[1:])}", flush=True)
     if args.dry_run:
         continue
     t0 = time.time()
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        sys.exit(f"stage {stage} failed (exit code {result.returncode}); later stages were not run")
+    code = run_stage(stage, cmd)
+    if code != 0:
+        sys.exit(f"stage {stage} failed (exit code {code}); later stages were not run")
     record_time(stage, time.time() - t0)
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
 if not args.dry_run:

@@ -12,8 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, "..", "shared", "data", "eval_bundle.zip")  # CORE-offline; a user's machine has none
 
 
-def run(*args, home):
-    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home))
+def run(*args, home, **env_vars):
+    env = dict(os.environ, NANOCHAT_JAX_HOME=str(home), **env_vars)
     return subprocess.run([sys.executable, "run_speedrun.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
 
 
@@ -41,6 +41,16 @@ def test_rehearsal_runs_every_stage_for_a_few_steps_offline_in_its_own_home(tmp_
     assert (tmp_path / "rehearsal_d20").is_dir()  # its own home: a real run in this home skips none of its stages
     without_tasks = run("--tier=d20", "--rehearsal", "--dry-run", home=tmp_path).stdout
     assert "-m nanochat_jax.dataset --num-shards 4" in without_tasks and "--task SpellingBee" in without_tasks
+
+
+def test_jax_num_processes_runs_the_sharded_stages_as_a_group_of_local_processes(tmp_path):
+    out = run("--tier=d20", "--dry-run", home=tmp_path, JAX_NUM_PROCESSES="2").stdout
+    for stage in ("base_train", "base_loss", "base_eval", "mid_train", "chat_sft"):
+        assert f"=== {stage} (2 processes): " in out
+    for stage in ("tok_train", "chat_eval_mid"):  # no accelerator, or decoding on one device: one process
+        assert f"=== {stage}: " in out
+    refused = run("--tier=d20", "--dry-run", home=tmp_path, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+    assert refused.returncode != 0 and "starts the processes of this host itself" in refused.stderr
 
 
 def kill_when(cmd, env, ready, timeout=1500):
