@@ -188,13 +188,29 @@ def _cross_entropy_sum_bwd(chunk_tokens, device_axes, residuals, g):
 cross_entropy_sum.defvjp(_cross_entropy_sum_fwd, _cross_entropy_sum_bwd)
 
 
+def _row_axes():
+    """(abstract mesh, the mesh axes that split a batch's rows), or no axes outside a mesh of several devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh, (() if mesh.empty else tuple(a for a in RULES["batch"] if mesh.shape[a] > 1))
+
+
+def sharded_cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
+    """cross_entropy (per token, for evaluation) with each device looping over the chunks of its own rows only,
+    for the reason sharded_cross_entropy_sum gives; the losses stay split over the devices like the rows."""
+    mesh, axes = _row_axes()
+    local = lambda h, w, t: cross_entropy(h, w, t, chunk_tokens)
+    if not axes:
+        return local(h, lm_kernel, targets)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P(), P(axes)), out_specs=P(axes),
+                         axis_names=set(axes))(h, lm_kernel, targets)
+
+
 def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None):
     """cross_entropy_sum with each device looping over the chunks of its own rows, under a mesh whose batch
     axes shard h (N, D) and targets (N,). Left to GSPMD, the chunk loop's axis inherits the row sharding and
     every device all-gathers h and computes every chunk (4x the loss work on 4 GPUs). Here each device
     sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else tuple(a for a in RULES["batch"] if mesh.shape[a] > 1)
+    mesh, axes = _row_axes()
     if not axes:
         return cross_entropy_sum(h, lm_kernel, targets, weights)
     per_token = (targets,) if weights is None else (targets, weights)  # split over the devices like h's rows
@@ -415,7 +431,7 @@ class GPT(nnx.Module):
         if weights is not None:
             return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets, weights.reshape(B * T).astype(jnp.float32))
         if loss_reduction == "none":
-            return cross_entropy(h, self.lm_head.kernel[...], targets).reshape(B, T)
+            return sharded_cross_entropy(h, self.lm_head.kernel[...], targets).reshape(B, T)
         return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets) / jnp.maximum((targets >= 0).sum(), 1)
 
     def num_params(self):

@@ -95,7 +95,7 @@ def check_forward(data, meta, mesh, report):
     graphdef, state = shard_state(model, optax.identity(), mesh)
     idx, targets = global_batch(idx, mesh), global_batch(targets, mesh)
     logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)[0](x))(state, idx)
-    per_token = make_eval_step(graphdef)(state, idx, targets)
+    per_token = make_eval_step(graphdef, mesh)(state, idx, targets)
     valid = np.asarray(targets)[:B] >= 0
     loss = np.asarray(per_token)[:B].sum() / valid.sum()
     report.check("logits max abs", np.abs(np.asarray(logits)[:B] - data["logits"]).max(), TOL["logits max abs"])

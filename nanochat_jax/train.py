@@ -98,10 +98,17 @@ def make_train_step(graphdef, state, weighted=False):
     return train_step
 
 
-def make_eval_step(graphdef):
-    """Per-token loss (B, T) of inputs -> targets (-1 = ignore), e.g. for bits per byte."""
+def make_eval_step(graphdef, mesh=None):
+    """Per-token loss (B, T) of inputs -> targets (-1 = ignore), e.g. for bits per byte. Given the state's mesh,
+    the model's sharding constraints apply and each device computes the loss of its own rows only."""
     @jax.jit
     def eval_step(state, inputs, targets):
+        if mesh is None:
+            return model_losses(state, inputs, targets)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return model_losses(state, inputs, targets)
+
+    def model_losses(state, inputs, targets):
         model, _ = nnx.merge(graphdef, state)
         return model(inputs, targets, loss_reduction="none")
     return eval_step

@@ -40,7 +40,7 @@ T, rows = meta["max_seq_len"], (args.device_batch_size or meta["device_batch_siz
 print0(f"base checkpoint {args.tag} step {meta['step']}: depth {config.n_layer}, width {config.n_embd}")
 
 tokenizer = get_tokenizer()
-eval_step = make_eval_step(graphdef)
+eval_step = make_eval_step(graphdef, mesh)
 results = {}
 for split in ("train", "val"):
     loader = make_loader(tokenizer, rows, T, split, args.data_dir, process_index=jax.process_index(), process_count=jax.process_count())

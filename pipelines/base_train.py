@@ -143,7 +143,7 @@ else:
     graphdef, state = init_train_state(config, tx, mesh, args.seed, **model_kwargs)
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step = make_train_step(graphdef, state)
-eval_step = make_eval_step(graphdef)
+eval_step = make_eval_step(graphdef, mesh)
 forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)[0](ids))
 
 # -----------------------------------------------------------------------------

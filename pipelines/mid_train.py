@@ -94,7 +94,7 @@ train_loader = make_mid_loader(train_mix.task, tokenizer, local_rows, T, **shard
 loop = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
 graphdef, state, step, loop = start_or_resume(checkpointer, args, ("base", tag, args.step), config, tx, mesh, train_loader, loop, **model_kwargs)
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
-train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef)
+train_step, eval_step = make_train_step(graphdef, state), make_eval_step(graphdef, mesh)
 
 
 def eval_bpb():

@@ -8,7 +8,7 @@ from flax import nnx
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh, parse_mesh, state_shardings
-from nanochat_jax.train import init_train_state, make_train_step
+from nanochat_jax.train import init_train_state, make_eval_step, make_train_step
 
 # D, heads, kv heads, MLP and vocab all divide by the fsdp and tensor sizes used below
 CONFIG = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -77,6 +77,40 @@ def test_weighted_step_on_a_mesh_matches_one_device():
     (loss_1, head_1), (loss_8, head_8) = out
     assert loss_8 == pytest.approx(loss_1, rel=1e-5)
     assert np.linalg.norm(head_8 - head_1) / np.linalg.norm(head_1) < 1e-5
+
+
+def test_eval_loss_on_a_mesh_matches_one_device():
+    """The per-token eval loss (bpb's) on data x fsdp and on data=8 equals one device's; ignored targets give 0."""
+    rng = np.random.default_rng(2)
+    batch = rng.integers(0, CONFIG.vocab_size, (8, CONFIG.sequence_len + 1), dtype=np.int32)
+    batch[:, -5:] = -1
+    out = []
+    for spec, devices in (("data=1", jax.devices()[:1]), ("data=4,fsdp=2", jax.devices()), ("data=8", jax.devices())):
+        mesh = make_mesh(spec, devices=devices)
+        graphdef, state = init_train_state(CONFIG, build_optimizer(CONFIG.n_embd, num_iterations=10), mesh, seed=0)
+        x, y = (global_batch(a, mesh) for a in (np.maximum(batch[:, :-1], 0), batch[:, 1:]))
+        out.append(np.asarray(make_eval_step(graphdef, mesh)(state, x, y)))
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[2], out[0], rtol=1e-5, atol=1e-6)
+    assert (out[0][:, -4:] == 0).all()
+
+
+def test_eval_loss_chunks_are_each_devices_own_rows():
+    """Left to GSPMD, the chunk loop over rows split across devices gathers every row onto every device (each
+    computes every chunk); under shard_map each device loops over its own rows and nothing is gathered."""
+    mesh = make_mesh("data=8")
+    split = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    h = jax.device_put(np.random.default_rng(3).normal(size=(256, 64)).astype(np.float32), split("data", None))
+    t = jax.device_put(np.arange(256, dtype=np.int32) % 100, split("data"))
+    w = jnp.asarray(np.random.default_rng(4).normal(size=(64, 100)).astype(np.float32))
+
+    from nanochat_jax.model import cross_entropy, sharded_cross_entropy
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        plain = jax.jit(lambda h, w, t: cross_entropy(h, w, t, 16))
+        local = jax.jit(lambda h, w, t: sharded_cross_entropy(h, w, t, 16))
+        assert "all-gather" in plain.lower(h, w, t).compile().as_text()
+        assert "all-gather" not in local.lower(h, w, t).compile().as_text()
+        np.testing.assert_allclose(np.asarray(local(h, w, t)), np.asarray(plain(h, w, t)), rtol=1e-6)
 
 
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
