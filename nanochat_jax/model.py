@@ -222,13 +222,58 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None):
 # -----------------------------------------------------------------------------
 # Modules
 
-class Linear(nnx.Module):
-    """y = x @ W without bias; W is kept fp32 and cast to the activation dtype for the matmul."""
+E4M3_MAX, E5M2_MAX = 448.0, 57344.0  # the largest finite values of the two float8 formats
 
-    def __init__(self, d_in, d_out, axes, init, *, rngs):
+
+def to_fp8(a, dtype, max_value):
+    """(a in float8, scale): a divided by the scale that maps its absolute max to max_value (tensorwise)."""
+    amax = jnp.max(jnp.abs(a)).astype(jnp.float32)
+    scale = jnp.where(amax > 0, amax / max_value, 1.0)
+    return (a.astype(jnp.float32) / scale).astype(dtype), scale
+
+
+def _scaled_dot(a, scale_a, b, scale_b, dims, dtype):
+    return (jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32) * (scale_a * scale_b)).astype(dtype)
+
+
+@jax.custom_vjp
+def fp8_matmul(x, w):
+    """x (..., i) @ w (i, o) as FP8 GEMMs (base_train --fp8): the forward in e4m3 x e4m3, the backward's two
+    GEMMs with the gradient in e5m2 (more range, less precision, as torchao's float8 training does), every
+    operand scaled by its absolute max, fp32 accumulation. Returns x's dtype; the gradients pass straight
+    through the roundings, and w's comes back in w's dtype (the fp32 master weight)."""
+    return _fp8_matmul_fwd(x, w)[0]
+
+
+def _fp8_matmul_fwd(x, w):
+    (qx, sx), (qw, sw) = to_fp8(x, jnp.float8_e4m3fn, E4M3_MAX), to_fp8(w, jnp.float8_e4m3fn, E4M3_MAX)
+    zeros_like_w = jnp.zeros((0,), w.dtype)  # carries w's dtype to the backward
+    return _scaled_dot(qx, sx, qw, sw, ((x.ndim - 1,), (0,)), x.dtype), (qx, sx, qw, sw, zeros_like_w)
+
+
+def _fp8_matmul_bwd(residuals, g):
+    qx, sx, qw, sw, zeros_like_w = residuals
+    qg, sg = to_fp8(g, jnp.float8_e5m2, E5M2_MAX)
+    lead = tuple(range(g.ndim - 1))
+    dx = _scaled_dot(qg, sg, qw, sw, ((g.ndim - 1,), (1,)), g.dtype)  # (..., o) . (i, o) -> (..., i)
+    dw = _scaled_dot(qx, sx, qg, sg, (lead, lead), zeros_like_w.dtype)  # (..., i) . (..., o) -> (i, o)
+    return dx, dw
+
+
+fp8_matmul.defvjp(_fp8_matmul_fwd, _fp8_matmul_bwd)
+
+
+class Linear(nnx.Module):
+    """y = x @ W without bias; W is kept fp32 and cast to the activation dtype for the matmul, or with fp8 both
+    are quantized to float8 for it (fp8_matmul)."""
+
+    def __init__(self, d_in, d_out, axes, init, *, rngs, fp8=False):
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.float32), axes=axes)
+        self.fp8 = fp8
 
     def __call__(self, x):
+        if self.fp8:
+            return fp8_matmul(x, self.kernel[...])
         return x @ self.kernel[...].astype(x.dtype)
 
 
@@ -250,13 +295,13 @@ def zeros_init(key, shape, dtype):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, config, *, attn_impl, rngs):
+    def __init__(self, config, *, attn_impl, rngs, fp8=False):
         D, H, K, Dh = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim, self.attn_impl = H, K, Dh, attn_impl
-        self.c_q = Linear(D, H * Dh, ("embed", "heads"), uniform_init(D), rngs=rngs)
-        self.c_k = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs)
-        self.c_v = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs)
-        self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs)
+        self.c_q = Linear(D, H * Dh, ("embed", "heads"), uniform_init(D), rngs=rngs, fp8=fp8)
+        self.c_k = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs, fp8=fp8)
+        self.c_v = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs, fp8=fp8)
+        self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs, fp8=fp8)
 
     def __call__(self, x, cos, sin, cache=None):
         """cache: None (training: causal over x), or (k, v, pos, layer, window, transposed): k and v (L, B, S, K, Dh)
@@ -317,19 +362,19 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config, *, rngs):
+    def __init__(self, config, *, rngs, fp8=False):
         D = config.n_embd
-        self.c_fc = Linear(D, 4 * D, ("embed", "mlp"), uniform_init(D), rngs=rngs)
-        self.c_proj = Linear(4 * D, D, ("mlp", "embed"), zeros_init, rngs=rngs)
+        self.c_fc = Linear(D, 4 * D, ("embed", "mlp"), uniform_init(D), rngs=rngs, fp8=fp8)
+        self.c_proj = Linear(4 * D, D, ("mlp", "embed"), zeros_init, rngs=rngs, fp8=fp8)
 
     def __call__(self, x):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))  # ReLU²
 
 
 class Block(nnx.Module):
-    def __init__(self, config, *, attn_impl, rngs):
-        self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+    def __init__(self, config, *, attn_impl, rngs, fp8=False):
+        self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8)
+        self.mlp = MLP(config, rngs=rngs, fp8=fp8)
 
     def __call__(self, x, cos, sin, cache=None):
         y, cache = self.attn(norm(x), cos, sin, cache)
@@ -340,14 +385,15 @@ class Block(nnx.Module):
 
 class GPT(nnx.Module):
     """Init is nanochat v1's: wte N(0,1), lm_head N(0,0.001), c_q/c_k/c_v/c_fc U(±sqrt(3/d)) (std 1/sqrt(d)),
-    both output projections zero."""
+    both output projections zero. fp8: the blocks' matmuls as FP8 GEMMs in training (fp8_matmul); the embedding,
+    lm_head, the loss and the optimizer stay in higher precision, and the KV-cache path (dense) never uses it."""
 
-    def __init__(self, config, *, dtype=jnp.float32, attn_impl="xla", remat=False, rngs):
+    def __init__(self, config, *, dtype=jnp.float32, attn_impl="xla", remat=False, fp8=False, rngs):
         self.config, self.dtype, self.remat = config, dtype, remat
         self.wte = nnx.Embed(config.vocab_size, config.n_embd, param_dtype=jnp.float32,
                              embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
         self.wte.embedding.set_metadata(axes=("vocab_rows", "embed"))
-        self.blocks = nnx.List([Block(config, attn_impl=attn_impl, rngs=rngs) for _ in range(config.n_layer)])
+        self.blocks = nnx.List([Block(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8) for _ in range(config.n_layer)])
         self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"),
                               nnx.initializers.normal(0.001), rngs=rngs)
 

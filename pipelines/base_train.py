@@ -54,6 +54,7 @@ parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction 
 parser.add_argument("--final-lr-frac", type=float, default=0.0)
 parser.add_argument("--packing", type=str, default="stream", choices=["stream", "bestfit"], help="nanochat v1 stream or HEAD best-fit rows")
 parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
+parser.add_argument("--fp8", action="store_true", help="the blocks' matmuls as FP8 GEMMs (e4m3 forward, e5m2 gradients, tensorwise scales)")
 # Evaluation
 parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288, help="val tokens per eval")
@@ -105,7 +106,7 @@ print0(f"tokens per step {args.total_batch_size:,} = {args.device_batch_size} x 
 # -----------------------------------------------------------------------------
 # Model, horizon, optimizer, data
 
-model_kwargs = dict(backend_settings(), remat=args.remat)
+model_kwargs = dict(backend_settings(), remat=args.remat, fp8=args.fp8)
 abstract_model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))  # shapes only, for the counts
 num_params, flops_per_token = abstract_model.num_params(), abstract_model.estimate_flops()
 if args.num_iterations > 0:
