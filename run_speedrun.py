@@ -28,12 +28,17 @@ TRAINING = {"base_train": "base", "mid_train": "mid", "chat_sft": "sft", "chat_r
 # Stages that run as a group of processes when JAX_NUM_PROCESSES is set; chat_rl and chat_eval decode on one
 # device, and the data and tokenizer stages use no accelerator, so they stay one process.
 PROCESS_GROUP = {"base_train", "base_loss", "base_eval", "mid_train", "chat_sft"}
+SECTIONS = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",  # stage -> its report section's file
+            "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation",
+            "mid_train": "midtraining", "chat_eval_mid": "chat-evaluation-mid", "chat_sft": "chat-sft",
+            "chat_eval_sft": "chat-evaluation-sft", "chat_rl": "chat-rl", "chat_eval_rl": "chat-evaluation-rl"}
 CHAT_STAGES = {"mid_train", "chat_sft", "chat_rl", "chat_eval_mid", "chat_eval_sft", "chat_eval_rl"}  # stages that read the chat tasks
 
 
 def base_dir():
     from nanochat_jax.common import get_base_dir
     return get_base_dir()
+
 
 
 def base_tag(config):
@@ -62,11 +67,11 @@ def done(stage, config):
         return args.data_dir is not None or (config.data.get("embedded") and os.path.isdir(os.path.join(base, "base_data_sotu")))
     if stage == "eval_bundle":  # CORE's tasks, for base_train's CORE metric and base_eval
         return args.eval_bundle is not None or os.path.isfile(os.path.join(base, "eval_bundle", "core.yaml"))
-    section = {"tok_train": "tokenizer-training", "tok_eval": "tokenizer-evaluation",
-               "base_train": "base-model-training", "base_loss": "base-model-loss", "base_eval": "base-model-evaluation",
-               "mid_train": "midtraining", "chat_eval_mid": "chat-evaluation-mid", "chat_sft": "chat-sft",
-               "chat_eval_sft": "chat-evaluation-sft", "chat_rl": "chat-rl", "chat_eval_rl": "chat-evaluation-rl"}
-    return os.path.isfile(os.path.join(base, "report", section[stage] + ".md"))
+    return os.path.isfile(section_path(stage))
+
+
+def section_path(stage):
+    return os.path.join(base_dir(), "report", SECTIONS[stage] + ".md")
 
 
 parser = argparse.ArgumentParser(description="Run the nanochat_jax pipeline for one tier")
@@ -206,14 +211,24 @@ def run_stage(stage, cmd):
         time.sleep(1)
 
 
+def peak_memory(stage):
+    """The peak device memory the stage's report section records, or '-'."""
+    from nanochat_jax.report import parse_bullets
+    try:
+        with open(section_path(stage)) as f:
+            return parse_bullets(f.read()).get("Peak memory (GiB)", "-")
+    except (OSError, KeyError):
+        return "-"
+
+
 def speedrun_section(left_out):
-    """The report's "Speedrun" section: the time table, the GPU-hours and their cost."""
+    """The report's "Speedrun" section: the time and memory table, the GPU-hours and their cost."""
     from nanochat_jax.report import get_report
     times = read_times()
-    rows = ["| stage | seconds |", "|---|---|"]
+    rows = ["| stage | seconds | peak memory (GiB) |", "|---|---|---|"]
     for stage in STAGES:
         seconds = times.get(stage)
-        rows.append(f"| {stage} | {'left out' if stage in left_out else '-' if seconds is None else f'{seconds:,.1f}'} |")
+        rows.append(f"| {stage} | {'left out' if stage in left_out else '-' if seconds is None else f'{seconds:,.1f}'} | {peak_memory(stage)} |")
     total = sum(times.get(stage, 0.0) for stage in STAGES)
     n_gpus, gpu_name = gpus()
     info = {"tier": args.tier, "rehearsal": args.rehearsal, "stages' time": f"{total:,.1f}s ({total / 3600:.2f}h)"}
@@ -226,7 +241,7 @@ def speedrun_section(left_out):
     get_report().log("Speedrun", [info, "\n".join(rows)])
 
 
-t_start, left_out = time.time(), []
+t_start, left_out, ran = time.time(), [], []
 run_rl = args.rl if args.rl is not None else (args.rehearsal or hasattr(config, "chat_rl"))
 if not run_rl:
     STAGES = [stage for stage in STAGES if stage not in RL_STAGES]
@@ -254,9 +269,11 @@ for stage in STAGES:
     if code != 0:
         sys.exit(f"stage {stage} failed (exit code {code}); later stages were not run")
     record_time(stage, time.time() - t0)
+    ran.append(stage)
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
 if not args.dry_run:
     from nanochat_jax.report import get_report
-    speedrun_section(left_out)
+    if ran or not os.path.isfile(os.path.join(base_dir(), "report", "speedrun.md")):
+        speedrun_section(left_out)  # a rerun that ran nothing keeps it, and with it the run's wall clock
     print(f"\nreport card: {get_report().generate()}")
 print(f"\nall stages done in {time.time() - t_start:.1f}s" + (f" (left out: {', '.join(left_out)})" if left_out else ""))

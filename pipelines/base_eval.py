@@ -24,6 +24,7 @@ from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.report import get_report
 from nanochat_jax.sharding import init_distributed, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
+from nanochat_jax.train import peak_memory_gib
 
 parser = argparse.ArgumentParser(description="CORE metric of a base checkpoint")
 parser.add_argument("--tag", type=str, default="d20", help="run directory under base_checkpoints")
@@ -103,4 +104,5 @@ if step is not None and master:
         "Model": name, "Bundle": f"{out['bundle']} ({out['bundle_path']})",
         "Items per task": "all" if args.max_per_task <= 0 else args.max_per_task,
         "Examples": sum(out["examples"].values()), "Time (s)": out["seconds"], "CORE": core,
+        "Peak memory (GiB)": peak_memory_gib() or "-",
     }, markdown_table(out)])

@@ -251,5 +251,6 @@ if master and step == num_iterations:
         "Number of parameters": num_params, "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
         "Number of training tokens": num_iterations * args.total_batch_size, "DDP world size": n_dev,
         "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
+        "Peak memory (GiB)": peak_memory_gib() or "-",
         **({"CORE metric estimate": loop["core_metric"]} if "core_metric" in loop else {}),
     }, "![training curves](base_train_curves.png)"])

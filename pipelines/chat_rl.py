@@ -161,5 +161,5 @@ if master and step == num_iterations:
         "Source checkpoint": f"{args.source} {tag} step {source_meta['step']}", "Task": args.task,
         "Number of iterations": num_iterations, "Rollouts per step": rows,
         **{f"pass@{k}": loop[f"pass@{k}"] for k in range(1, args.eval_samples + 1) if f"pass@{k}" in loop},
-        "Total training time (m)": loop["total_training_time"] / 60,
+        "Total training time (m)": loop["total_training_time"] / 60, "Peak memory (GiB)": peak_memory_gib() or "-",
     }, "![reward and pass@1](chat_rl_curves.png)"])

@@ -200,7 +200,7 @@ if master and step == num_iterations:
         "Train rows": len(train_task), "Number of iterations": num_iterations, "DDP world size": n_dev,
         "Non-padding token fraction": non_padding, "Trained token fraction": loop["trained"] / max(loop["padded"], 1),
         "val_loss": loop["val_loss"], **{k: loop[k] for k in ("mmlu_acc", "arc_easy_acc") if k in loop},
-        "Total training time (m)": loop["total_training_time"] / 60,
+        "Total training time (m)": loop["total_training_time"] / 60, "Peak memory (GiB)": peak_memory_gib() or "-",
     }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
         "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
         "![training curves](chat_sft_curves.png)"])

@@ -159,6 +159,7 @@ if master and step == num_iterations:
         "Base checkpoint": f"{tag} step {base_meta['step']}", "Mixture": train_mix.kind,
         "Train rows": len(train_mix.task), "Number of iterations": num_iterations, "DDP world size": n_dev,
         "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
+        "Peak memory (GiB)": peak_memory_gib() or "-",
     }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
         "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
         "![training curves](mid_train_curves.png)"])

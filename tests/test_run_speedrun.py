@@ -103,6 +103,7 @@ def test_tiny_tier_runs_end_to_end_offline_and_resumes_by_skipping(tmp_path, mon
     times = json.load(open(tmp_path / "home" / "report" / "stage_times.json"))
     assert {"tok_train", "base_train", "mid_train", "chat_sft", "chat_rl", "chat_eval_rl"} <= set(times)
     assert "## Speedrun" in report and "| mid_train |" in report and "estimated cost" in report
+    assert "Peak memory (GiB): -" in report  # every stage records it; a CPU has no memory stats to give
     if bundle:
         assert "## Base model evaluation" in report and "CORE-offline" in report
         assert "| CORE |" in report  # the summary table's row
