@@ -103,6 +103,16 @@ def global_batch(local_batch, mesh, batch_axis=0):
     return jax.make_array_from_process_local_data(batch_sharding(mesh, local_batch.ndim, batch_axis), local_batch)
 
 
+def compute_init():
+    """What every sharded stage does once its flags are parsed: the launcher's XLA settings (xla_env, before the
+    backend starts), joining the process group, and (master, print0): is this process 0, and a print only it does."""
+    from nanochat_jax import xla_env
+    xla_env.configure()
+    init_distributed()
+    master = jax.process_index() == 0
+    return master, (print if master else (lambda *a, **k: None))
+
+
 def init_distributed():
     """Join a multi-process run when launched as one: JAX_NUM_PROCESSES > 1, JAX_PROCESS_ID, and
     JAX_COORDINATOR_ADDRESS (host:port of process 0). Must run before anything touches the backend."""

@@ -18,11 +18,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from evals.core import BATCH_TOKENS, Bundle, default_bundle, evaluate_core, markdown_table, write_csv
-from nanochat_jax import xla_env
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.report import get_report
-from nanochat_jax.sharding import init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
 from nanochat_jax.train import peak_memory_gib
 
@@ -40,8 +39,6 @@ parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS, help="toke
 parser.add_argument("--whole-sequences", action="store_true", help="run every sequence whole (no shared prefixes), for comparison")
 parser.add_argument("--mesh", type=str, default=None, help="e.g. data=8 (default: data parallel over all devices)")
 args = parser.parse_args()
-xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
-
 if args.download_only:
     try:
         print(f"eval bundle: {default_bundle()}")
@@ -49,9 +46,7 @@ if args.download_only:
         raise SystemExit(f"base_eval: {e}") from None
     raise SystemExit(0)
 
-init_distributed()
-master = jax.process_index() == 0
-print0 = print if master else (lambda *a, **k: None)
+master, print0 = compute_init()
 mesh = make_mesh(args.mesh)
 settings = backend_settings()
 try:

@@ -11,13 +11,12 @@ import jax
 from flax import nnx
 
 from evals.bpb import evaluate_bpb
-from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import restore_run
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.report import get_report
-from nanochat_jax.sharding import init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
 from nanochat_jax.train import make_eval_step, peak_memory_gib
 
@@ -29,10 +28,7 @@ parser.add_argument("--device-batch-size", type=int, default=None, help="rows pe
 parser.add_argument("--data-dir", type=str, default=None)
 parser.add_argument("--mesh", type=str, default=None)
 args = parser.parse_args()
-xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
-
-init_distributed()
-print0 = print if jax.process_index() == 0 else (lambda *a, **k: None)
+_, print0 = compute_init()
 mesh = make_mesh(args.mesh)
 graphdef, state, meta = restore_run("base", args.tag, args.step, mesh, **backend_settings())
 config = GPTConfig(**meta["model_config"])

@@ -18,7 +18,6 @@ from flax import nnx
 
 from evals.bpb import evaluate_bpb
 from evals.core import BUNDLE_DIR_NAME, Bundle, evaluate_core
-from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.dataloader import make_loader
@@ -26,7 +25,7 @@ from nanochat_jax.engine import sample_completions
 from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
-from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, global_batch, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
 from nanochat_jax.train import (RunLog, abstract_train_state, add_run_flags, init_train_state, make_eval_step, make_train_step,
                                 peak_memory_gib, smooth_loss, stop_if_diverged)
@@ -71,15 +70,12 @@ tier = parser.parse_known_args()[0].tier
 if tier:
     parser.set_defaults(**importlib.import_module(f"configs.{tier}").base_train)  # explicit flags still win
 args = parser.parse_args()
-xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
 user_config = vars(args).copy()
 
 # -----------------------------------------------------------------------------
 # Compute, logging, tokenizer
 
-init_distributed()
-master = jax.process_index() == 0
-print0 = print if master else (lambda *a, **k: None)
+master, print0 = compute_init()
 on_gpu = jax.default_backend() == "gpu"
 mesh = make_mesh(args.mesh)
 n_dev = jax.device_count()

@@ -15,14 +15,13 @@ import sys
 import jax
 from flax import nnx
 
-from nanochat_jax import xla_env
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.rl import QuestionBatches, longest_prompt, pass_at_k, rollout, score, train_on_rollouts
-from nanochat_jax.sharding import init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.spellingbee import SpellingBee
 from nanochat_jax.tokenizer import get_tokenizer
@@ -51,12 +50,8 @@ add_finetune_flags(parser, init_lr_frac=0.05)  # LRs (default: the source run's)
 add_run_flags(parser, "RL")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 parser.set_defaults(save_every=60)
 args = parser.parse_args()
-xla_env.configure()
 user_config = vars(args).copy()
-
-init_distributed()
-master = jax.process_index() == 0
-print0 = print if master else (lambda *a, **k: None)
+master, print0 = compute_init()
 if jax.process_count() > 1:
     sys.exit("chat_rl runs in one process (its rollouts decode on one device); use the GPUs of one host through --mesh")
 mesh = make_mesh(args.mesh)

@@ -19,14 +19,13 @@ import numpy as np
 from flax import nnx
 
 from evals.chat_eval import run_categorical
-from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import SFTBatches
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.mixtures import add_mixture_flags, in_tasks_dir, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
-from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, global_batch, make_mesh
 from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import TaskDataError
 from nanochat_jax.tasks.mmlu import MMLU
@@ -51,12 +50,8 @@ parser.add_argument("--eval-metrics-every", type=int, default=200, help="steps b
 parser.add_argument("--eval-metrics-max-problems", type=int, default=1024)
 add_run_flags(parser, "SFT")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 args = parser.parse_args()
-xla_env.configure()
 user_config = vars(args).copy()
-
-init_distributed()
-master = jax.process_index() == 0
-print0 = print if master else (lambda *a, **k: None)
+master, print0 = compute_init()
 mesh = make_mesh(args.mesh)
 n_dev, n_proc = jax.device_count(), jax.process_count()
 tag, source_meta = source_run(args.source, args.tag, args.step)

@@ -18,14 +18,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from evals.bpb import evaluate_bpb
-from nanochat_jax import xla_env
 from nanochat_jax.chat_dataloader import make_mid_loader, mid_stream_tokens
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.mixtures import add_mixture_flags, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
-from nanochat_jax.sharding import global_batch, init_distributed, make_mesh
+from nanochat_jax.sharding import compute_init, global_batch, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
 from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_gib,
                                 smooth_loss, stop_if_diverged)
@@ -43,12 +42,8 @@ parser.add_argument("--eval-every", type=int, default=150, help="steps between v
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288)
 add_run_flags(parser, "midtraining")  # checkpoints, resume, mesh, wandb, seed, --max-steps
 args = parser.parse_args()
-xla_env.configure()
 user_config = vars(args).copy()
-
-init_distributed()
-master = jax.process_index() == 0
-print0 = print if master else (lambda *a, **k: None)
+master, print0 = compute_init()
 mesh = make_mesh(args.mesh)
 n_dev, n_proc = jax.device_count(), jax.process_count()
 tag, base_meta = source_run("base", args.tag, args.step)
