@@ -40,6 +40,10 @@ def base_dir():
     return get_base_dir()
 
 
+def report_path(name):
+    """A file in the report directory, where each stage's section and the stage times live."""
+    return os.path.join(base_dir(), "report", name)
+
 
 def base_tag(config):
     return f"d{config.base_train['depth']}"
@@ -71,7 +75,7 @@ def done(stage, config):
 
 
 def section_path(stage):
-    return os.path.join(base_dir(), "report", SECTIONS[stage] + ".md")
+    return report_path(SECTIONS[stage] + ".md")
 
 
 parser = argparse.ArgumentParser(description="Run the nanochat_jax pipeline for one tier")
@@ -156,7 +160,7 @@ def hourly_rate(gpu_name):
 
 
 def times_path():
-    return os.path.join(base_dir(), "report", "stage_times.json")
+    return report_path("stage_times.json")
 
 
 def read_times():
@@ -213,10 +217,10 @@ def run_stage(stage, cmd):
 
 def peak_memory(stage):
     """The peak device memory the stage's report section records, or '-'."""
-    from nanochat_jax.report import parse_bullets
+    from nanochat_jax.report import PEAK_MEMORY, parse_bullets
     try:
         with open(section_path(stage)) as f:
-            return parse_bullets(f.read()).get("Peak memory (GiB)", "-")
+            return parse_bullets(f.read()).get(PEAK_MEMORY, "-")
     except (OSError, KeyError):
         return "-"
 
@@ -273,7 +277,7 @@ for stage in STAGES:
     print(f"=== {stage} done in {time.time() - t0:.1f}s", flush=True)
 if not args.dry_run:
     from nanochat_jax.report import get_report
-    if ran or not os.path.isfile(os.path.join(base_dir(), "report", "speedrun.md")):
+    if ran or not os.path.isfile(report_path("speedrun.md")):
         speedrun_section(left_out)  # a rerun that ran nothing keeps it, and with it the run's wall clock
     print(f"\nreport card: {get_report().generate()}")
 print(f"\nall stages done in {time.time() - t_start:.1f}s" + (f" (left out: {', '.join(left_out)})" if left_out else ""))

@@ -43,6 +43,7 @@ COLUMNS = ["BASE", "MID", "SFT", "RL"]
 METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE", "val_bpb", "min_val_bpb", "train_bpb"]
 VERSIONS = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tiktoken", "numpy"]
 CODE_EXTS = (".py", ".rs", ".html", ".md", ".toml")
+PEAK_MEMORY = "Peak memory (GiB)"  # the bullet every stage's section carries; run_speedrun's table reads it back
 
 
 def slugify(section):

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from nanochat_jax.model import GPT
+from nanochat_jax.report import PEAK_MEMORY
 from nanochat_jax.sharding import batch_sharding, state_shardings
 
 
@@ -98,19 +99,14 @@ def make_train_step(graphdef, state, weighted=False):
     return train_step
 
 
-def make_eval_step(graphdef, mesh=None):
-    """Per-token loss (B, T) of inputs -> targets (-1 = ignore), e.g. for bits per byte. Given the state's mesh,
-    the model's sharding constraints apply and each device computes the loss of its own rows only."""
+def make_eval_step(graphdef, mesh):
+    """Per-token loss (B, T) of inputs -> targets (-1 = ignore), e.g. for bits per byte. Under the state's mesh,
+    as in the train step: the model's sharding constraints apply and each device computes its own rows' loss."""
     @jax.jit
     def eval_step(state, inputs, targets):
-        if mesh is None:
-            return model_losses(state, inputs, targets)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return model_losses(state, inputs, targets)
-
-    def model_losses(state, inputs, targets):
-        model, _ = nnx.merge(graphdef, state)
-        return model(inputs, targets, loss_reduction="none")
+            model, _ = nnx.merge(graphdef, state)
+            return model(inputs, targets, loss_reduction="none")
     return eval_step
 
 
@@ -192,3 +188,8 @@ def stop_if_diverged(loss, metrics, step, checkpointer, run_dir):
 
 def peak_memory_gib():
     return (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+
+
+def peak_memory_bullet():
+    """The report sections' peak-memory entry: GiB, or '-' where the device keeps no memory stats (CPU)."""
+    return {PEAK_MEMORY: peak_memory_gib() or "-"}

@@ -23,7 +23,7 @@ from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.report import get_report
 from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import peak_memory_gib
+from nanochat_jax.train import peak_memory_bullet
 
 parser = argparse.ArgumentParser(description="CORE metric of a base checkpoint")
 parser.add_argument("--tag", type=str, default="d20", help="run directory under base_checkpoints")
@@ -98,6 +98,5 @@ if step is not None and master:
     get_report().log("Base model evaluation", [{
         "Model": name, "Bundle": f"{out['bundle']} ({out['bundle_path']})",
         "Items per task": "all" if args.max_per_task <= 0 else args.max_per_task,
-        "Examples": sum(out["examples"].values()), "Time (s)": out["seconds"], "CORE": core,
-        "Peak memory (GiB)": peak_memory_gib() or "-",
+        "Examples": sum(out["examples"].values()), "Time (s)": out["seconds"], "CORE": core, **peak_memory_bullet(),
     }, markdown_table(out)])

@@ -18,7 +18,7 @@ from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.report import get_report
 from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import make_eval_step, peak_memory_gib
+from nanochat_jax.train import make_eval_step, peak_memory_bullet
 
 parser = argparse.ArgumentParser(description="Train/val bpb and samples of a base checkpoint")
 parser.add_argument("--tag", type=str, default="d20", help="run directory under base_checkpoints")
@@ -48,4 +48,4 @@ forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)[0](ids))
 samples = sample_completions(lambda ids: forward(state, ids), tokenizer)
 for line in samples:
     print0(f"  sample: {line!r}")
-get_report().log("Base model loss", [{"tag": args.tag, "step": meta["step"], **results, "Peak memory (GiB)": peak_memory_gib() or "-"}, "Samples:", *[f"- {s!r}" for s in samples]])
+get_report().log("Base model loss", [{"tag": args.tag, "step": meta["step"], **results, **peak_memory_bullet()}, "Samples:", *[f"- {s!r}" for s in samples]])

@@ -28,7 +28,7 @@ from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import compute_init, global_batch, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
 from nanochat_jax.train import (RunLog, abstract_train_state, add_run_flags, init_train_state, make_eval_step, make_train_step,
-                                peak_memory_gib, smooth_loss, stop_if_diverged)
+                                peak_memory_bullet, peak_memory_gib, smooth_loss, stop_if_diverged)
 
 PEAK_FLOPS = 989e12  # H100 bf16 dense, nanochat's MFU denominator
 
@@ -247,6 +247,5 @@ if master and step == num_iterations:
         "Number of parameters": num_params, "FLOPs per token": f"{flops_per_token:e}", "Calculated number of iterations": num_iterations,
         "Number of training tokens": num_iterations * args.total_batch_size, "DDP world size": n_dev,
         "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
-        "Peak memory (GiB)": peak_memory_gib() or "-",
-        **({"CORE metric estimate": loop["core_metric"]} if "core_metric" in loop else {}),
+        **peak_memory_bullet(), **({"CORE metric estimate": loop["core_metric"]} if "core_metric" in loop else {}),
     }, "![training curves](base_train_curves.png)"])

@@ -35,7 +35,7 @@ from evals.chat_eval import TASKS, evaluate_chat, self_checks  # noqa: E402
 from nanochat_jax.engine import Engine  # noqa: E402
 from nanochat_jax.export import load_model  # noqa: E402
 from nanochat_jax.report import get_report  # noqa: E402
-from nanochat_jax.train import peak_memory_gib  # noqa: E402
+from nanochat_jax.train import peak_memory_bullet  # noqa: E402
 
 names = list(TASKS) if args.task_name == "all" else [n for n in args.task_name.split(",") if n]  # "" : self checks only
 unknown = [n for n in names if n not in TASKS]
@@ -55,7 +55,7 @@ for name, value in checks.items():
 source = description.split()[0] if not args.checkpoint else "export"  # base / mid / sft / rl
 settings = {"model": description, "max_problems": args.max_problems, "num_samples": args.num_samples,
             "temperature": args.temperature, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-            "Peak memory (GiB)": peak_memory_gib() or "-"}
+            **peak_memory_bullet()}
 table = "| Task | Accuracy | Problems | Seconds |\n|---|---|---|---|\n" + "".join(
     f"| {n} | {out['results'][n]:.4f} | {out['problems'][n]} | {out['timings'][n]:.1f} |\n" for n in names)
 summary = dict(out["results"], **({"ChatCORE": out["ChatCORE"]} if out["ChatCORE"] is not None else {}))

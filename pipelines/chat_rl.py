@@ -25,7 +25,8 @@ from nanochat_jax.sharding import compute_init, make_mesh
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.spellingbee import SpellingBee
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_train_step, peak_memory_gib, stop_if_diverged
+from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_train_step, peak_memory_bullet,
+                                peak_memory_gib, stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="RL on GSM8K or SpellingBee")
 parser.add_argument("--source", type=str, default="sft", choices=["base", "mid", "sft"], help="stage to start from")
@@ -156,5 +157,5 @@ if master and step == num_iterations:
         "Source checkpoint": f"{args.source} {tag} step {source_meta['step']}", "Task": args.task,
         "Number of iterations": num_iterations, "Rollouts per step": rows,
         **{f"pass@{k}": loop[f"pass@{k}"] for k in range(1, args.eval_samples + 1) if f"pass@{k}" in loop},
-        "Total training time (m)": loop["total_training_time"] / 60, "Peak memory (GiB)": peak_memory_gib() or "-",
+        "Total training time (m)": loop["total_training_time"] / 60, **peak_memory_bullet(),
     }, "![reward and pass@1](chat_rl_curves.png)"])

@@ -30,8 +30,8 @@ from nanochat_jax.tasks.arc import ARC
 from nanochat_jax.tasks.common import TaskDataError
 from nanochat_jax.tasks.mmlu import MMLU
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_gib,
-                                smooth_loss, stop_if_diverged)
+from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_bullet,
+                                peak_memory_gib, smooth_loss, stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Supervised fine-tuning on conversations")
 parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="stage to start from")
@@ -195,7 +195,7 @@ if master and step == num_iterations:
         "Train rows": len(train_task), "Number of iterations": num_iterations, "DDP world size": n_dev,
         "Non-padding token fraction": non_padding, "Trained token fraction": loop["trained"] / max(loop["padded"], 1),
         "val_loss": loop["val_loss"], **{k: loop[k] for k in ("mmlu_acc", "arc_easy_acc") if k in loop},
-        "Total training time (m)": loop["total_training_time"] / 60, "Peak memory (GiB)": peak_memory_gib() or "-",
+        "Total training time (m)": loop["total_training_time"] / 60, **peak_memory_bullet(),
     }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
         "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
         "![training curves](chat_sft_curves.png)"])

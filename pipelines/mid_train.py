@@ -26,8 +26,8 @@ from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
 from nanochat_jax.sharding import compute_init, global_batch, make_mesh
 from nanochat_jax.tokenizer import get_tokenizer
-from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_gib,
-                                smooth_loss, stop_if_diverged)
+from nanochat_jax.train import (RunLog, add_finetune_flags, add_run_flags, finetune_lrs, make_eval_step, make_train_step, peak_memory_bullet,
+                                peak_memory_gib, smooth_loss, stop_if_diverged)
 
 parser = argparse.ArgumentParser(description="Midtrain a base model on conversations")
 parser.add_argument("--tag", type=str, default=None, help="base run to start from, and this run's name (default: the latest base run)")
@@ -154,7 +154,7 @@ if master and step == num_iterations:
         "Base checkpoint": f"{tag} step {base_meta['step']}", "Mixture": train_mix.kind,
         "Train rows": len(train_mix.task), "Number of iterations": num_iterations, "DDP world size": n_dev,
         "val_bpb": loop["val_bpb"], "min_val_bpb": loop["min_val_bpb"], "Total training time (m)": loop["total_training_time"] / 60,
-        "Peak memory (GiB)": peak_memory_gib() or "-",
+        **peak_memory_bullet(),
     }, "Train sources (rows):", *[f"- {name}: {rows:,}" for name, rows in train_mix.sources],
         "Val sources (rows):", *[f"- {name}: {rows:,}" for name, rows in val_mix.sources],
         "![training curves](mid_train_curves.png)"])

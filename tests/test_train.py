@@ -70,7 +70,7 @@ def test_eval_step_returns_per_token_loss(mesh):
     x, y = batch((2,))
     y = y.copy()
     y[:, :4] = -1
-    per_token = make_eval_step(graphdef)(state, x, y)
+    per_token = make_eval_step(graphdef, mesh)(state, x, y)
     model, _ = nnx.merge(graphdef, state)
     assert per_token.shape == x.shape and not np.any(np.asarray(per_token)[:, :4])
     assert float(per_token.sum() / (y >= 0).sum()) == pytest.approx(float(model(x, y)), rel=1e-6)
