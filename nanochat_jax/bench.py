@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
+from nanochat_jax.kernels import parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -61,11 +62,11 @@ def bench_train(args):
     print(f"{jax.devices()[0].device_kind} x{n_dev}, jax {jax.__version__}, mesh {dict(mesh.shape)}")
     if on_gpu:
         print(f"attention check: max |cudnn - xla| = {attention_agreement():.4f} (bf16)")
-    graphdef, state = init_train_state(config, tx, mesh, dtype=dtype, attn_impl=attn_impl, remat=args.remat, fp8=args.fp8)
+    graphdef, state = init_train_state(config, tx, mesh, dtype=dtype, attn_impl=attn_impl, remat=args.remat, fp8=args.fp8, kernels=parse_kernels(args.kernels))
     model_params = sum(x.size for x in jax.tree.leaves(state[0]))  # state = (model, optimizer)
     flops_per_token = 6 * (model_params - config.vocab_size * config.n_embd) + 12 * config.n_layer * config.n_head * config.head_dim * T
     print(f"d{args.depth}: {model_params:,} params, D={config.n_embd}, H={config.n_head}, T={T}, "
-          f"batch {B}x{T}x{A} = {B * T * A:,} tokens/step, {flops_per_token / 1e9:.3f} GFLOP/token, remat={args.remat}, fp8={args.fp8}, attn={attn_impl}")
+          f"batch {B}x{T}x{A} = {B * T * A:,} tokens/step, {flops_per_token / 1e9:.3f} GFLOP/token, remat={args.remat}, fp8={args.fp8}, kernels={args.kernels}, attn={attn_impl}")
 
     rng = np.random.default_rng(0)
     def batch():
@@ -318,6 +319,7 @@ p.add_argument("--warmup", type=int, default=2, help="untimed steps after compil
 p.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4 (default: data over all devices)")
 p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (saves memory)")
 p.add_argument("--fp8", action="store_true", help="the blocks' matmuls as FP8 GEMMs (base_train --fp8)")
+p.add_argument("--kernels", type=str, default="", help="Pallas kernels: all, or a comma list of xent,rope,mlp (base_train --kernels)")
 p.add_argument("--attn", type=str, default=None, choices=["cudnn", "xla"], help="attention backend (default: cudnn on GPU)")
 p.add_argument("--parts", action="store_true", help="also time fwd+bwd and the optimizer update on their own")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 3 steps into DIR and print GPU time by kernel kind")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from nanochat_jax import kernels as pallas
 from nanochat_jax.sharding import RULES, constrain
 
 
@@ -141,8 +142,8 @@ def cross_entropy_and_hits(h, lm_kernel, targets, max_logits=2**28):
     return jnp.swapaxes(losses, 0, 1).reshape(B, T), jnp.swapaxes(hits, 0, 1).reshape(B, T)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def cross_entropy_sum(h, lm_kernel, targets, weights=None, chunk_tokens=None, device_axes=()):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def cross_entropy_sum(h, lm_kernel, targets, weights=None, chunk_tokens=None, device_axes=(), kernel=None):
     """The summed loss of cross_entropy (weighted by weights (N,), if given: RL's advantages), with a fused
     backward: the forward pass of each chunk also takes the gradients of its logits and pushes them through
     lm_head at once, so the (chunk, V) logits are built once per step instead of twice (autodiff under
@@ -150,7 +151,8 @@ def cross_entropy_sum(h, lm_kernel, targets, weights=None, chunk_tokens=None, de
     backward pass. A sum has one cotangent for every token, which is what lets those gradients be taken
     before the cotangent is known. The weights get no gradient.
     device_axes: inside shard_map, the mesh axes over which h's rows are split; the loss and d(lm_head)
-    are then summed over them (each once)."""
+    are then summed over them (each once). kernel: a kernels.mode(), to take each chunk's losses and logit
+    gradients from kernels.xent_chunk (one Pallas kernel) instead of XLA's passes over the fp32 logits."""
     losses = cross_entropy(h, lm_kernel, targets, chunk_tokens)
     return _psum((losses if weights is None else losses * weights).sum(), device_axes)
 
@@ -159,7 +161,7 @@ def _psum(x, axes):
     return jax.lax.psum(x, axes) if axes else x
 
 
-def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_axes):
+def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_axes, kernel):
     N, D = h.shape
     chunks = _chunked(h, targets, lm_kernel.shape[1], chunk_tokens, weights)
     w = lm_kernel.astype(h.dtype)
@@ -167,7 +169,11 @@ def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_
     def chunk_step(dw, args):
         hc, tc, *wc = args  # (C, D), (C,), [(C,)]
         z = hc @ w  # (C, V) in the compute dtype, like torch autocast's lm_head output
-        loss, dz = jax.value_and_grad(lambda z: (token_losses(z, tc) * (wc[0] if wc else 1.0)).sum())(z)
+        if kernel:
+            losses, dz = pallas.xent_chunk(z, tc, wc[0] if wc else jnp.ones(tc.shape, jnp.float32), kernel == "interpret")
+            loss = (losses * (wc[0] if wc else 1.0)).sum()
+        else:
+            loss, dz = jax.value_and_grad(lambda z: (token_losses(z, tc) * (wc[0] if wc else 1.0)).sum())(z)
         dw = dw + jnp.einsum("cd,cv->dv", hc, dz, preferred_element_type=jnp.float32)
         return dw, (loss, dz @ w.T)
 
@@ -179,7 +185,7 @@ def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_
     return _psum(losses.sum(), device_axes), (dh.reshape(-1, D)[:N], dw.astype(lm_kernel.dtype), weights)
 
 
-def _cross_entropy_sum_bwd(chunk_tokens, device_axes, residuals, g):
+def _cross_entropy_sum_bwd(chunk_tokens, device_axes, kernel, residuals, g):
     dh, dw, weights = residuals
     no_grad = None if weights is None else jnp.zeros_like(weights)
     return (g * dh).astype(dh.dtype), g * dw, None, no_grad  # targets are integers; weights are data
@@ -205,16 +211,18 @@ def sharded_cross_entropy(h, lm_kernel, targets, chunk_tokens=None):
                          axis_names=set(axes))(h, lm_kernel, targets)
 
 
-def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None):
+def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None, kernels=False):
     """cross_entropy_sum with each device looping over the chunks of its own rows, under a mesh whose batch
     axes shard h (N, D) and targets (N,). Left to GSPMD, the chunk loop's axis inherits the row sharding and
     every device all-gathers h and computes every chunk (4x the loss work on 4 GPUs). Here each device
-    sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up."""
+    sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up. kernels: use the Pallas
+    loss kernel where it runs (cross_entropy_sum's kernel)."""
     mesh, axes = _row_axes()
+    kernel = pallas.mode() if kernels and pallas.xent_supported(lm_kernel.shape[1]) else None
     if not axes:
-        return cross_entropy_sum(h, lm_kernel, targets, weights)
+        return cross_entropy_sum(h, lm_kernel, targets, weights, None, (), kernel)
     per_token = (targets,) if weights is None else (targets, weights)  # split over the devices like h's rows
-    local = lambda h, w, t, *a: cross_entropy_sum(h, w, t, a[0] if a else None, None, axes)
+    local = lambda h, w, t, *a: cross_entropy_sum(h, w, t, a[0] if a else None, None, axes, kernel)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P()) + (P(axes),) * len(per_token), out_specs=P(),
                          axis_names=set(axes))(h, lm_kernel, *per_token)
 
@@ -295,9 +303,10 @@ def zeros_init(key, shape, dtype):
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, config, *, attn_impl, rngs, fp8=False):
+    def __init__(self, config, *, attn_impl, rngs, fp8=False, kernels=()):
         D, H, K, Dh = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
         self.n_head, self.n_kv_head, self.head_dim, self.attn_impl = H, K, Dh, attn_impl
+        self.kernels = "rope" in kernels and pallas.rope_qk_norm_supported(Dh)
         self.c_q = Linear(D, H * Dh, ("embed", "heads"), uniform_init(D), rngs=rngs, fp8=fp8)
         self.c_k = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs, fp8=fp8)
         self.c_v = Linear(D, K * Dh, ("embed", "kv_heads"), uniform_init(D), rngs=rngs, fp8=fp8)
@@ -314,7 +323,13 @@ class CausalSelfAttention(nnx.Module):
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
+        mode = pallas.mode() if self.kernels else None
+        if mode:  # the same two steps in one Pallas kernel each way
+            cs = [jnp.broadcast_to(c, (B, T, c.shape[-1])).reshape(B * T, -1) for c in (cos, sin)]
+            rope_norm = lambda t, c, s: pallas.rope_qk_norm(t, c, s, mode == "interpret")
+            q, k = (on_rows(rope_norm, t.reshape(B * T, *t.shape[2:]), *cs).reshape(t.shape) for t in (q, k))
+        else:
+            q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
         q, k, v = (constrain(t, "batch", None, "act_heads", None) for t in (q, k, v))
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attn_impl)  # (B, T, H, Dh), GQA native
         return self.c_proj(y.reshape(B, T, self.n_head * self.head_dim)), None
@@ -362,38 +377,63 @@ class CausalSelfAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, config, *, rngs, fp8=False):
+    def __init__(self, config, *, rngs, fp8=False, kernels=()):
         D = config.n_embd
         self.c_fc = Linear(D, 4 * D, ("embed", "mlp"), uniform_init(D), rngs=rngs, fp8=fp8)
         self.c_proj = Linear(4 * D, D, ("mlp", "embed"), zeros_init, rngs=rngs, fp8=fp8)
+        self.kernels = "mlp" in kernels and not fp8  # the fused kernel is a bf16 GEMM
 
     def __call__(self, x):
         return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x))))  # ReLU²
 
+    def normed(self, x):
+        """self(norm(x)); with kernels, norm, c_fc and ReLU² are one Pallas GEMM (kernels.mlp_up)."""
+        B, T, D = x.shape
+        mode = pallas.mode() if self.kernels else None
+        if not mode or not pallas.mlp_up_supported(B * T, D, self.c_fc.kernel.shape[1]):
+            return self(norm(x))
+        up = lambda x, r, w: pallas.mlp_up(x, w, r, mode == "interpret")
+        x = x.reshape(B * T, D)
+        h = on_rows(up, x, pallas.rms_scale(x), shared=(self.c_fc.kernel[...].astype(x.dtype),))
+        return self.c_proj(h.reshape(B, T, -1))
+
+
+def on_rows(fn, *rows, shared=()):
+    """fn(*rows, *shared) for arrays split over the mesh's batch axes by their first dim (rows) and replicated
+    ones (shared). A Pallas call has no partitioning rule (GSPMD would gather all of every input onto every
+    device), so under a mesh of several devices each device runs fn on its own rows, inside shard_map."""
+    mesh, axes = _row_axes()
+    if not axes:
+        return fn(*rows, *shared)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(axes),) * len(rows) + (P(),) * len(shared), out_specs=P(axes),
+                         axis_names=set(axes))(*rows, *shared)
+
 
 class Block(nnx.Module):
-    def __init__(self, config, *, attn_impl, rngs, fp8=False):
-        self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8)
-        self.mlp = MLP(config, rngs=rngs, fp8=fp8)
+    def __init__(self, config, *, attn_impl, rngs, fp8=False, kernels=()):
+        self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8, kernels=kernels)
+        self.mlp = MLP(config, rngs=rngs, fp8=fp8, kernels=kernels)
 
     def __call__(self, x, cos, sin, cache=None):
         y, cache = self.attn(norm(x), cos, sin, cache)
         x = x + y
-        x = x + self.mlp(norm(x))
+        x = x + self.mlp.normed(x)
         return constrain(x, "batch", None, None), cache
 
 
 class GPT(nnx.Module):
     """Init is nanochat v1's: wte N(0,1), lm_head N(0,0.001), c_q/c_k/c_v/c_fc U(±sqrt(3/d)) (std 1/sqrt(d)),
     both output projections zero. fp8: the blocks' matmuls as FP8 GEMMs in training (fp8_matmul); the embedding,
-    lm_head, the loss and the optimizer stay in higher precision, and the KV-cache path (dense) never uses it."""
+    lm_head, the loss and the optimizer stay in higher precision, and the KV-cache path (dense) never uses it.
+    kernels: names of the training path's Pallas kernels to use where they run (kernels.NAMES: "xent" the loss,
+    "rope" RoPE + QK norm, "mlp" norm + c_fc + ReLU²); elsewhere, and in the KV-cache path, the plain code."""
 
-    def __init__(self, config, *, dtype=jnp.float32, attn_impl="xla", remat=False, fp8=False, rngs):
-        self.config, self.dtype, self.remat = config, dtype, remat
+    def __init__(self, config, *, dtype=jnp.float32, attn_impl="xla", remat=False, fp8=False, kernels=(), rngs):
+        self.config, self.dtype, self.remat, self.kernels = config, dtype, remat, tuple(kernels)
         self.wte = nnx.Embed(config.vocab_size, config.n_embd, param_dtype=jnp.float32,
                              embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
         self.wte.embedding.set_metadata(axes=("vocab_rows", "embed"))
-        self.blocks = nnx.List([Block(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8) for _ in range(config.n_layer)])
+        self.blocks = nnx.List([Block(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8, kernels=kernels) for _ in range(config.n_layer)])
         self.lm_head = Linear(config.n_embd, config.vocab_size, ("embed", "vocab"),
                               nnx.initializers.normal(0.001), rngs=rngs)
 
@@ -475,10 +515,10 @@ class GPT(nnx.Module):
         B, T, D = h.shape
         h, targets = h.reshape(B * T, D), targets.reshape(B * T)
         if weights is not None:
-            return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets, weights.reshape(B * T).astype(jnp.float32))
+            return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets, weights.reshape(B * T).astype(jnp.float32), "xent" in self.kernels)
         if loss_reduction == "none":
             return sharded_cross_entropy(h, self.lm_head.kernel[...], targets).reshape(B, T)
-        return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets) / jnp.maximum((targets >= 0).sum(), 1)
+        return sharded_cross_entropy_sum(h, self.lm_head.kernel[...], targets, None, "xent" in self.kernels) / jnp.maximum((targets >= 0).sum(), 1)
 
     def num_params(self):
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

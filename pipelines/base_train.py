@@ -22,6 +22,7 @@ from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir
 from nanochat_jax.common import get_base_dir
 from nanochat_jax.dataloader import make_loader
 from nanochat_jax.engine import sample_completions
+from nanochat_jax.kernels import parse as parse_kernels
 from nanochat_jax.model import GPT, backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
 from nanochat_jax.report import get_report, plot_metrics
@@ -54,6 +55,7 @@ parser.add_argument("--final-lr-frac", type=float, default=0.0)
 parser.add_argument("--packing", type=str, default="stream", choices=["stream", "bestfit"], help="nanochat v1 stream or HEAD best-fit rows")
 parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
 parser.add_argument("--fp8", action="store_true", help="the blocks' matmuls as FP8 GEMMs (e4m3 forward, e5m2 gradients, tensorwise scales)")
+parser.add_argument("--kernels", type=str, default="", help="Pallas kernels where they run (NVIDIA GPUs; else the plain path): all, or a comma list of xent,rope,mlp")
 # Evaluation
 parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288, help="val tokens per eval")
@@ -102,7 +104,7 @@ print0(f"tokens per step {args.total_batch_size:,} = {args.device_batch_size} x 
 # -----------------------------------------------------------------------------
 # Model, horizon, optimizer, data
 
-model_kwargs = dict(backend_settings(), remat=args.remat, fp8=args.fp8)
+model_kwargs = dict(backend_settings(), remat=args.remat, fp8=args.fp8, kernels=parse_kernels(args.kernels))
 abstract_model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))  # shapes only, for the counts
 num_params, flops_per_token = abstract_model.num_params(), abstract_model.estimate_flops()
 if args.num_iterations > 0:

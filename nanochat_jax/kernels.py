@@ -1,0 +1,270 @@
+"""
+Pallas kernels for the train step's memory-bound work, the passes XLA leaves between the cuBLAS GEMMs
+(base_train --kernels, bench train --kernels). Each is a custom_vjp whose plain-JAX twin is the fallback:
+
+- xent_chunk: the softcapped cross-entropy of one chunk of lm_head outputs z (C, V), its per-token loss and
+  its gradient dz in one kernel. The fp32 logits live in registers only: z is read twice (the row's max and
+  sum, then the gradient) and dz written once, instead of XLA's fp32 passes over (C, V).
+- mlp_up: c_fc with the block's RMSNorm and ReLU² around it, y = relu(r * (x @ W))² where r is x's rms
+  scale (param-free RMSNorm commutes with the matmul: norm(x) @ W = r * (x @ W)). The normed x, c_fc's
+  output and its ReLU² are never written; only y is.
+- rope_qk_norm: RoPE then RMSNorm over each head, q and k in one pass each way.
+
+The kernels lower through Triton on NVIDIA GPUs. `mode()` says how they run here: "triton", or None where
+they cannot (CPU, other backends), and then the model keeps its plain path. Tests run the same kernels in
+Pallas's interpreter (interpret=True, or NANOCHAT_JAX_PALLAS_INTERPRET=1 for the model) against the plain path,
+values and gradients.
+"""
+import os
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+EPS = float(jnp.finfo(jnp.float32).eps)  # model.norm's: torch's default for fp32
+CAP = 15.0  # model.softcap's
+
+
+def mode():
+    """"triton" on NVIDIA GPUs of compute capability 8.0 or newer (bf16 tensor cores), "interpret" where
+    NANOCHAT_JAX_PALLAS_INTERPRET=1 asks for Pallas's interpreter (slow: for tests), else None (no kernels)."""
+    if os.environ.get("NANOCHAT_JAX_PALLAS_INTERPRET") == "1":
+        return "interpret"
+    if jax.default_backend() == "gpu" and float(getattr(jax.devices()[0], "compute_capability", "0")) >= 8.0:
+        return "triton"
+    return None
+
+
+NAMES = ("xent", "rope", "mlp")
+
+
+def parse(spec):
+    """--kernels: "all", "" (none) or a comma list of NAMES -> the tuple of names, in NAMES' order."""
+    names = NAMES if spec == "all" else tuple(n for n in spec.split(",") if n)
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}: choose from {', '.join(NAMES)}, or all")
+    return tuple(n for n in NAMES if n in names)
+
+
+def rms_scale(x):
+    """The per-row factor of model.norm, rsqrt(mean(x²) + eps), in fp32: norm(x) = rms_scale(x) * x."""
+    x32 = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + EPS)
+
+
+# -----------------------------------------------------------------------------
+# Cross-entropy of a chunk of logits
+
+def xent_reference(z, targets, weights):
+    """Plain JAX: per-token loss (C,) of softcap(z) against targets (0 where target < 0), and the gradient of
+    sum(loss * weights) with respect to z, in z's dtype."""
+    def total(z):
+        logits = CAP * jnp.tanh(z.astype(jnp.float32) / CAP)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+        losses = jnp.where(targets >= 0, lse - target_logit, 0.0)
+        return (losses * weights).sum(), losses
+    (_, losses), dz = jax.value_and_grad(total, has_aux=True)(z)
+    return losses, dz
+
+
+def _xent_row_kernel(z_ref, t_ref, w_ref, loss_ref, dz_ref, *, block):
+    """One row: z_ref (V,), t_ref and w_ref scalars. Pass 1: online max and sum of exp, and the target's logit;
+    pass 2: dz = w * (softmax - onehot) * softcap'."""
+    n_blocks = z_ref.shape[0] // block
+    t = t_ref[...]
+
+    def capped(i):
+        cols = i * block + jnp.arange(block)
+        return cols, CAP * jnp.tanh(plgpu.load(z_ref.at[cols], eviction_policy="evict_last").astype(jnp.float32) / CAP)
+
+    def stats(i, carry):
+        m, s, target_logit = carry
+        cols, x = capped(i)
+        m_new = jnp.maximum(m, jnp.max(x))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(x - m_new))
+        return m_new, s, target_logit + jnp.sum(jnp.where(cols == t, x, 0.0))
+
+    m, s, target_logit = lax.fori_loop(0, n_blocks, stats, (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0)))
+    lse = m + jnp.log(s)
+    valid = t >= 0
+    loss_ref[...] = jnp.where(valid, lse - target_logit, 0.0)
+    scale = jnp.where(valid, w_ref[...].astype(jnp.float32), 0.0)
+
+    @pl.loop(0, n_blocks)
+    def _(i):
+        cols, x = capped(i)
+        g = (jnp.exp(x - lse) - jnp.where(cols == t, 1.0, 0.0)) * (1.0 - (x / CAP) ** 2) * scale
+        plgpu.store(dz_ref.at[cols], g.astype(dz_ref.dtype))
+
+
+def _xent_block(V):
+    return min(4096, V & -V)  # the largest power of 2 dividing V, at most 4096 (Triton blocks are powers of 2)
+
+
+def xent_chunk(z, targets, weights, interpret=False):
+    """(losses (C,) fp32, dz (C, V) in z's dtype) as xent_reference gives them, from one kernel per row."""
+    C, V = z.shape
+    block = _xent_block(V)
+    kernel = pl.pallas_call(
+        partial(_xent_row_kernel, block=block),
+        out_shape=(jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((V,), z.dtype)),
+        compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, block // 256)), num_stages=1),
+        interpret=interpret, name="xent_row")
+    return jax.vmap(kernel)(z, targets.astype(jnp.int32), weights.astype(jnp.float32))
+
+
+def xent_supported(V):
+    return _xent_block(V) >= 128
+
+
+# -----------------------------------------------------------------------------
+# c_fc with RMSNorm's scale and ReLU² fused in
+
+def mlp_up_reference(x, w, r):
+    """Plain JAX: relu(r[:, None] * (x @ w))² for x (M, K), w (K, N) in the compute dtype, r (M,) fp32."""
+    a = jnp.dot(x, w, preferred_element_type=jnp.float32) * r[:, None]
+    return jnp.square(jax.nn.relu(a)).astype(x.dtype)
+
+
+def _mlp_up_kernel(x_ref, w_ref, r_ref, o_ref, *, bk):
+    """One (BM, BN) tile of the output: the K loop on the tensor cores, then scale and ReLU² in registers."""
+    def body(i, acc):
+        ks = pl.ds(i * bk, bk)
+        return acc + plgpu.dot(x_ref[:, ks], w_ref[ks, :])
+    acc = lax.fori_loop(0, x_ref.shape[1] // bk, body, jnp.zeros(o_ref.shape, jnp.float32))
+    a = acc * r_ref[...][:, None]
+    o_ref[...] = jnp.square(jnp.maximum(a, 0.0)).astype(o_ref.dtype)
+
+
+MLP_TILES = dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
+
+
+def mlp_up_supported(M, K, N, tiles=MLP_TILES):
+    return M % tiles["bm"] == 0 and N % tiles["bn"] == 0 and K % tiles["bk"] == 0
+
+
+def _mlp_up_call(x, w, r, interpret=False, tiles=MLP_TILES):
+    (M, K), N = x.shape, w.shape[1]
+    bm, bn, bk = tiles["bm"], tiles["bn"], tiles["bk"]
+    return pl.pallas_call(
+        partial(_mlp_up_kernel, bk=bk),
+        out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
+        grid=(M // bm, N // bn),
+        in_specs=[pl.BlockSpec((bm, K), lambda i, j: (i, 0)), pl.BlockSpec((K, bn), lambda i, j: (0, j)),
+                  pl.BlockSpec((bm,), lambda i, j: (i,))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles["num_warps"], num_stages=tiles["num_stages"]),
+        interpret=interpret, name="mlp_up")(x, w, r)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mlp_up(x, w, r, interpret=False):
+    """relu(r * (x @ w))² (mlp_up_reference) with the scale and ReLU² in the GEMM's epilogue. The backward is
+    plain JAX from x, w, r and y alone: where y > 0, relu(a) = sqrt(y)."""
+    return _mlp_up_call(x, w, r, interpret)
+
+
+def _mlp_up_fwd(x, w, r, interpret):
+    y = _mlp_up_call(x, w, r, interpret)
+    return y, (x, w, r, y)
+
+
+def _mlp_up_bwd(interpret, residuals, dy):
+    x, w, r, y = residuals
+    relu_a = jnp.sqrt(y.astype(jnp.float32))  # relu(r * u), u = x @ w
+    da = dy.astype(jnp.float32) * 2.0 * relu_a
+    du = (da * r[:, None]).astype(x.dtype)
+    dr = jnp.sum(da * relu_a, axis=-1) / r  # sum(da * u): where da != 0, u = relu_a / r
+    dx = jnp.dot(du, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.dot(x.T, du, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw, dr
+
+
+mlp_up.defvjp(_mlp_up_fwd, _mlp_up_bwd)
+
+
+# -----------------------------------------------------------------------------
+# RoPE + QK norm
+
+def rope_qk_norm_reference(x, cos, sin):
+    """Plain JAX: RMSNorm(RoPE(x)) over each head for x (R, N, Dh) and cos/sin (R, Dh/2), in x's dtype (the
+    rotation rounds to x's dtype first, as model.apply_rotary_emb does)."""
+    c, s = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1).astype(jnp.float32)
+    return (y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
+
+
+def _rope_norm_fwd_kernel(x_ref, cos_ref, sin_ref, o_ref, rstd_ref):
+    """One head of one token: x_ref (Dh,), cos/sin (Dh/2,). Rotate, normalise, keep the rms factor."""
+    d = x_ref.shape[0] // 2
+    x1, x2 = x_ref[:d], x_ref[d:]
+    c, s = cos_ref[...].astype(x1.dtype), sin_ref[...].astype(x1.dtype)
+    y1 = (x1 * c + x2 * s).astype(jnp.float32)  # rounded to x's dtype first, like the reference's rotation
+    y2 = (x2 * c - x1 * s).astype(jnp.float32)
+    rstd = lax.rsqrt((jnp.sum(y1 * y1) + jnp.sum(y2 * y2)) / (2 * d) + EPS)
+    o_ref[:d] = (y1 * rstd).astype(o_ref.dtype)
+    o_ref[d:] = (y2 * rstd).astype(o_ref.dtype)
+    rstd_ref[...] = rstd
+
+
+def _rope_norm_bwd_kernel(x_ref, cos_ref, sin_ref, rstd_ref, g_ref, dx_ref):
+    """The backward of one head: through the norm (with the saved rms factor), then the inverse rotation."""
+    d = x_ref.shape[0] // 2
+    x1, x2 = x_ref[:d], x_ref[d:]
+    c, s = cos_ref[...].astype(x1.dtype), sin_ref[...].astype(x1.dtype)
+    y1, y2 = (x1 * c + x2 * s).astype(jnp.float32), (x2 * c - x1 * s).astype(jnp.float32)
+    g1, g2 = g_ref[:d].astype(jnp.float32), g_ref[d:].astype(jnp.float32)
+    rstd = rstd_ref[...]
+    mean_gy = (jnp.sum(g1 * y1) + jnp.sum(g2 * y2)) / (2 * d)
+    dy1 = rstd * g1 - rstd ** 3 * mean_gy * y1
+    dy2 = rstd * g2 - rstd ** 3 * mean_gy * y2
+    c32, s32 = c.astype(jnp.float32), s.astype(jnp.float32)
+    dx_ref[:d] = (dy1 * c32 - dy2 * s32).astype(dx_ref.dtype)
+    dx_ref[d:] = (dy1 * s32 + dy2 * c32).astype(dx_ref.dtype)
+
+
+def rope_qk_norm_supported(Dh):
+    return Dh & (Dh - 1) == 0 and Dh >= 32  # a head is one block: a power of 2
+
+
+def _per_head(kernel, out_shape, interpret, name):
+    """kernel over one head of one token, mapped over (R tokens, N heads); cos/sin are shared by a token's heads."""
+    call = pl.pallas_call(kernel, out_shape=out_shape, compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
+                          interpret=interpret, name=name)
+    return call
+
+
+def _rope_fwd_call(x, cos, sin, interpret):
+    Dh = x.shape[-1]
+    call = _per_head(_rope_norm_fwd_kernel, (jax.ShapeDtypeStruct((Dh,), x.dtype), jax.ShapeDtypeStruct((), jnp.float32)),
+                     interpret, "rope_qk_norm")
+    return jax.vmap(jax.vmap(call, in_axes=(0, None, None)))(x, cos, sin)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rope_qk_norm(x, cos, sin, interpret=False):
+    """rope_qk_norm_reference for x (R, N, Dh), cos/sin (R, Dh/2), one kernel program per head each way; cos and
+    sin get no gradient (they are functions of the positions)."""
+    return _rope_fwd_call(x, cos, sin, interpret)[0]
+
+
+def _rope_qk_norm_fwd(x, cos, sin, interpret):
+    y, rstd = _rope_fwd_call(x, cos, sin, interpret)
+    return y, (x, cos, sin, rstd)
+
+
+def _rope_qk_norm_bwd(interpret, residuals, g):
+    x, cos, sin, rstd = residuals
+    call = _per_head(_rope_norm_bwd_kernel, jax.ShapeDtypeStruct(x.shape[-1:], x.dtype), interpret, "rope_qk_norm_bwd")
+    dx = jax.vmap(jax.vmap(call, in_axes=(0, None, None, 0, 0)))(x, cos, sin, rstd, g)
+    return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)

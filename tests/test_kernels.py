@@ -1,0 +1,100 @@
+"""The Pallas kernels against their plain-JAX twins, values and gradients. On a GPU they run as Triton kernels;
+elsewhere in Pallas's interpreter, which runs the same kernel code. Tolerances are bf16's (the kernels
+round where the plain path rounds, but in a different order) and stated relative to each tensor's scale, so
+no CPU's own rounding decides a result."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax import kernels
+from nanochat_jax.model import GPT, GPTConfig
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def test_parse_names_the_kernels():
+    assert kernels.parse("all") == kernels.NAMES
+    assert kernels.parse("") == ()
+    assert kernels.parse("mlp,xent") == ("xent", "mlp")
+    with pytest.raises(ValueError, match="unknown kernels.*'relu'"):
+        kernels.parse("xent,relu")
+
+
+def test_xent_chunk_matches_autodiff_of_the_softcapped_loss():
+    C, V = 16, 2048
+    k = jax.random.split(jax.random.key(0), 3)
+    z = (jax.random.normal(k[0], (C, V)) * 20).astype(jnp.bfloat16)  # past the softcap: tanh matters
+    targets = jax.random.randint(k[1], (C,), 0, V).at[3].set(-1)  # one ignored token
+    weights = jax.random.uniform(k[2], (C,), minval=-1.0, maxval=2.0)  # RL's advantages can be negative
+    losses, dz = kernels.xent_chunk(z, targets, weights, interpret=INTERPRET)
+    want_losses, want_dz = kernels.xent_reference(z, targets, weights)
+    assert dz.dtype == z.dtype and losses.shape == (C,)
+    assert rel_err(losses, want_losses) < 1e-5
+    assert rel_err(dz, want_dz) < 1e-2  # one bf16 rounding of each gradient
+    assert float(losses[3]) == 0.0 and not np.asarray(dz[3], np.float32).any()  # ignored: no loss, no gradient
+
+
+def test_mlp_up_is_norm_cfc_relu2_with_its_gradients():
+    M, K, N = 256, 128, 256
+    k = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k[0], (M, K)).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (K, N)) / np.sqrt(K)).astype(jnp.bfloat16)
+    probe = jax.random.normal(k[2], (M, N))  # a cotangent that differs everywhere
+
+    def loss(fn):
+        return lambda x, w: (fn(x, w, kernels.rms_scale(x)).astype(jnp.float32) * probe).sum()
+    fused = lambda x, w, r: kernels.mlp_up(x, w, r, INTERPRET)
+    assert rel_err(fused(x, w, kernels.rms_scale(x)), kernels.mlp_up_reference(x, w, kernels.rms_scale(x))) < 1e-2
+    got, want = jax.grad(loss(fused), (0, 1))(x, w), jax.grad(loss(kernels.mlp_up_reference), (0, 1))(x, w)
+    for g, r in zip(got, want):  # dx includes the path through the rms scale
+        assert g.dtype == r.dtype and rel_err(g, r) < 2e-2
+
+
+def test_rope_qk_norm_matches_rotation_then_norm():
+    R, N, Dh = 32, 3, 64
+    k = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(k[0], (R, N, Dh)).astype(jnp.bfloat16)
+    angles = jax.random.uniform(k[1], (R, Dh // 2), maxval=6.0)
+    cos, sin = jnp.cos(angles).astype(jnp.bfloat16), jnp.sin(angles).astype(jnp.bfloat16)
+    probe = jax.random.normal(k[2], (R, N, Dh))
+    fused = lambda x: kernels.rope_qk_norm(x, cos, sin, INTERPRET)
+    plain = lambda x: kernels.rope_qk_norm_reference(x, cos, sin)
+    assert rel_err(fused(x), plain(x)) < 1e-2
+    np.testing.assert_allclose(np.mean(np.asarray(fused(x), np.float32) ** 2, -1), 1.0, rtol=2e-2)  # unit rms per head
+    grad = lambda f: jax.grad(lambda x: (f(x).astype(jnp.float32) * probe).sum())(x)
+    assert rel_err(grad(fused), grad(plain)) < 2e-2
+
+
+@pytest.mark.parametrize("names", [("xent",), ("rope",), ("mlp",), kernels.NAMES])
+def test_model_with_kernels_gives_the_plain_loss_and_gradients(names, monkeypatch):
+    """The whole training loss with each kernel switched on, through GPT(kernels=...), against GPT without."""
+    if INTERPRET:
+        monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    x, y = (jax.random.randint(jax.random.key(i), (2, 64), 0, 512) for i in (3, 4))
+
+    def loss_and_grads(names):
+        model = GPT(config, dtype=jnp.bfloat16, kernels=names, rngs=nnx.Rngs(0))
+        for block in model.blocks:  # nanochat zeroes both output projections: give the blocks something to do
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.kernel[...] = 0.02 * jax.random.normal(jax.random.key(5), proj.kernel.shape)
+        loss, grads = nnx.value_and_grad(lambda m: m(x, y))(model)
+        return float(loss), jax.tree.leaves(nnx.state(grads))
+
+    (loss, grads), (want_loss, want_grads) = loss_and_grads(names), loss_and_grads(())
+    assert abs(loss - want_loss) < 1e-3 * want_loss
+    assert len(grads) == len(want_grads)
+    for g, w in zip(grads, want_grads):
+        assert rel_err(g, w) < 3e-2
+
+
+def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_JAX_PALLAS_INTERPRET", raising=False)
+    assert kernels.mode() == ("triton" if jax.default_backend() == "gpu" else None)
