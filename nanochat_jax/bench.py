@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
-from nanochat_jax.kernels import parse as parse_kernels
+from nanochat_jax.kernels import add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -319,7 +319,7 @@ p.add_argument("--warmup", type=int, default=2, help="untimed steps after compil
 p.add_argument("--mesh", type=str, default=None, help="e.g. data=2,fsdp=4 (default: data over all devices)")
 p.add_argument("--remat", action="store_true", help="recompute each block in the backward pass (saves memory)")
 p.add_argument("--fp8", action="store_true", help="the blocks' matmuls as FP8 GEMMs (base_train --fp8)")
-p.add_argument("--kernels", type=str, default="", help="Pallas kernels: all, or a comma list of xent,rope,mlp (base_train --kernels)")
+add_kernels_flag(p)  # base_train's --kernels, same default
 p.add_argument("--attn", type=str, default=None, choices=["cudnn", "xla"], help="attention backend (default: cudnn on GPU)")
 p.add_argument("--parts", action="store_true", help="also time fwd+bwd and the optimizer update on their own")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 3 steps into DIR and print GPU time by kernel kind")

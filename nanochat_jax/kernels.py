@@ -39,6 +39,12 @@ def mode():
 
 
 NAMES = ("xent", "rope", "mlp")
+DEFAULT = "xent,rope"  # the two that made the step faster on an H100 (docs/performance.md); mlp's GEMM did not
+
+
+def add_flag(parser):
+    parser.add_argument("--kernels", type=str, default=DEFAULT, help=f"Pallas kernels where they run (NVIDIA GPUs; "
+                        f"elsewhere the plain path): a comma list of {','.join(NAMES)}, all, or '' for none")
 
 
 def parse(spec):
@@ -141,7 +147,7 @@ def _mlp_up_kernel(x_ref, w_ref, r_ref, o_ref, *, bk):
     o_ref[...] = jnp.square(jnp.maximum(a, 0.0)).astype(o_ref.dtype)
 
 
-MLP_TILES = dict(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
+MLP_TILES = dict(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
 
 
 def mlp_up_supported(M, K, N, tiles=MLP_TILES):

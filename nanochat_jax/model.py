@@ -224,7 +224,7 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None, kernels=False
     per_token = (targets,) if weights is None else (targets, weights)  # split over the devices like h's rows
     local = lambda h, w, t, *a: cross_entropy_sum(h, w, t, a[0] if a else None, None, axes, kernel)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes, None), P()) + (P(axes),) * len(per_token), out_specs=P(),
-                         axis_names=set(axes))(h, lm_kernel, *per_token)
+                         axis_names=set(axes), check_vma=kernel is None)(h, lm_kernel, *per_token)  # see on_rows
 
 
 # -----------------------------------------------------------------------------
@@ -390,7 +390,11 @@ class MLP(nnx.Module):
         """self(norm(x)); with kernels, norm, c_fc and ReLU² are one Pallas GEMM (kernels.mlp_up)."""
         B, T, D = x.shape
         mode = pallas.mode() if self.kernels else None
-        if not mode or not pallas.mlp_up_supported(B * T, D, self.c_fc.kernel.shape[1]):
+        mesh, axes = _row_axes()
+        local_rows = B * T // math.prod(mesh.shape[a] for a in axes)  # what each device's kernel sees (on_rows)
+        # c_fc split over a tensor axis would leave GSPMD to partition the Pallas call, which it cannot
+        split_weights = not mesh.empty and math.prod(mesh.shape.values()) > math.prod(mesh.shape[a] for a in axes)
+        if not mode or split_weights or not pallas.mlp_up_supported(local_rows, D, self.c_fc.kernel.shape[1]):
             return self(norm(x))
         up = lambda x, r, w: pallas.mlp_up(x, w, r, mode == "interpret")
         x = x.reshape(B * T, D)
@@ -401,12 +405,13 @@ class MLP(nnx.Module):
 def on_rows(fn, *rows, shared=()):
     """fn(*rows, *shared) for arrays split over the mesh's batch axes by their first dim (rows) and replicated
     ones (shared). A Pallas call has no partitioning rule (GSPMD would gather all of every input onto every
-    device), so under a mesh of several devices each device runs fn on its own rows, inside shard_map."""
+    device), so under a mesh of several devices each device runs fn on its own rows, inside shard_map. Its
+    varying-across-devices check is off: a Pallas call's outputs carry no such type."""
     mesh, axes = _row_axes()
     if not axes:
         return fn(*rows, *shared)
     return jax.shard_map(fn, mesh=mesh, in_specs=(P(axes),) * len(rows) + (P(),) * len(shared), out_specs=P(axes),
-                         axis_names=set(axes))(*rows, *shared)
+                         axis_names=set(axes), check_vma=False)(*rows, *shared)
 
 
 class Block(nnx.Module):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nanochat_jax import kernels
 from nanochat_jax.model import GPT
 from nanochat_jax.report import PEAK_MEMORY
 from nanochat_jax.sharding import batch_sharding, state_shardings
@@ -114,7 +115,8 @@ def make_eval_step(graphdef, mesh):
 # What every training loop (base, mid, SFT, RL) keeps besides the state: metrics.jsonl, wandb, the NaN stop
 
 def add_run_flags(parser, what):
-    """The flags every post-training stage shares with base_train: checkpoints and resuming, mesh, wandb, seed."""
+    """The flags every post-training stage shares with base_train: checkpoints and resuming, mesh, wandb, seed,
+    the Pallas kernels."""
     parser.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     parser.add_argument("--resume", action="store_true", help=f"continue from the latest {what} checkpoint")
@@ -124,6 +126,7 @@ def add_run_flags(parser, what):
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this step without finishing (tests, timing)")
+    kernels.add_flag(parser)
 
 
 def add_finetune_flags(parser, init_lr_frac):

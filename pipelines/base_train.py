@@ -55,7 +55,6 @@ parser.add_argument("--final-lr-frac", type=float, default=0.0)
 parser.add_argument("--packing", type=str, default="stream", choices=["stream", "bestfit"], help="nanochat v1 stream or HEAD best-fit rows")
 parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (less memory)")
 parser.add_argument("--fp8", action="store_true", help="the blocks' matmuls as FP8 GEMMs (e4m3 forward, e5m2 gradients, tensorwise scales)")
-parser.add_argument("--kernels", type=str, default="", help="Pallas kernels where they run (NVIDIA GPUs; else the plain path): all, or a comma list of xent,rope,mlp")
 # Evaluation
 parser.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524_288, help="val tokens per eval")

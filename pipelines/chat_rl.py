@@ -17,6 +17,7 @@ from flax import nnx
 
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
 from nanochat_jax.engine import Engine
+from nanochat_jax.kernels import parse as parse_kernels
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
 from nanochat_jax.report import get_report, plot_metrics
@@ -85,7 +86,7 @@ checkpointer = Checkpointer(run_dir, keep=args.keep)
 resuming = args.resume or args.resume_step is not None
 loop = {"total_training_time": 0.0}
 graphdef, state, step, loop = start_or_resume(checkpointer, args, (args.source, tag, args.step), config, tx, mesh, questions, loop,
-                                              **backend_settings())
+                                              **backend_settings(), kernels=parse_kernels(args.kernels))
 log = RunLog(run_dir, master, resumed_step=step if resuming else None, run=args.run, config=user_config)
 train_step = make_train_step(graphdef, state, weighted=True)
 engine = Engine(nnx.merge(graphdef, state)[0], tokenizer)  # its weights are refreshed from the state before every use

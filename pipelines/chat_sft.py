@@ -21,6 +21,7 @@ from flax import nnx
 from evals.chat_eval import run_categorical
 from nanochat_jax.chat_dataloader import SFTBatches
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
+from nanochat_jax.kernels import parse as parse_kernels
 from nanochat_jax.mixtures import add_mixture_flags, in_tasks_dir, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier
@@ -82,7 +83,7 @@ if num_iterations < 1 or num_iterations > train_loader.num_steps:
 
 schedule = dict(warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)  # 1 - step / num_iterations
 tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
-model_kwargs = backend_settings()
+model_kwargs = dict(backend_settings(), kernels=parse_kernels(args.kernels))
 checkpointer = Checkpointer(run_dir, keep=args.keep)
 resuming = args.resume or args.resume_step is not None
 loop = {"smooth_train_loss": 0.0, "total_training_time": 0.0, "tokens": 0, "trained": 0, "padded": 0}

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from evals.bpb import evaluate_bpb
 from nanochat_jax.chat_dataloader import make_mid_loader, mid_stream_tokens
 from nanochat_jax.checkpoint import Checkpointer, checkpoint_dir, source_run, start_or_resume
+from nanochat_jax.kernels import parse as parse_kernels
 from nanochat_jax.mixtures import add_mixture_flags, mixture
 from nanochat_jax.model import GPTConfig, backend_settings
 from nanochat_jax.optim import build_optimizer, lr_multiplier, muon_momentum
@@ -84,7 +85,7 @@ if num_iterations < 1:
 
 schedule = dict(warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0)  # constant, then linear to 0 over the last 20%
 tx = build_optimizer(config.n_embd, num_iterations, weight_decay=args.weight_decay, **lrs, **schedule)
-model_kwargs = backend_settings()
+model_kwargs = dict(backend_settings(), kernels=parse_kernels(args.kernels))
 train_loader = make_mid_loader(train_mix.task, tokenizer, local_rows, T, **shard)
 loop = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0, "val_bpb": None}
 graphdef, state, step, loop = start_or_resume(checkpointer, args, ("base", tag, args.step), config, tx, mesh, train_loader, loop, **model_kwargs)

@@ -98,3 +98,34 @@ def test_model_with_kernels_gives_the_plain_loss_and_gradients(names, monkeypatc
 def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("NANOCHAT_JAX_PALLAS_INTERPRET", raising=False)
     assert kernels.mode() == ("triton" if jax.default_backend() == "gpu" else None)
+
+
+def test_kernels_on_a_mesh_run_per_device_and_match_one_device(monkeypatch):
+    """Under data x fsdp x tensor the kernels run inside shard_map on each device's own rows (a Pallas call has no
+    partitioning rule; mlp's falls back to the plain path where c_fc is split over the tensor axis). Two optimizer
+    steps then give the plain one-device losses, and Muon's update of c_fc the same weights. (AdamW's first
+    steps are about ±lr whatever the gradient's size, so bf16 noise in tiny gradients flips them: its weights
+    are not compared.)"""
+    from nanochat_jax.optim import build_optimizer
+    from nanochat_jax.sharding import global_batch, make_mesh
+    from nanochat_jax.train import init_train_state, make_train_step
+    if INTERPRET:
+        monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
+    batch = np.random.default_rng(0).integers(0, config.vocab_size, (2, 1, 8, config.sequence_len + 1), dtype=np.int32)
+    out = []
+    for names, spec, devices in (((), "data=1", jax.devices()[:1]), (kernels.NAMES, "data=2,fsdp=2,tensor=2", jax.devices()),
+                                 (kernels.NAMES, "data=2,fsdp=4", jax.devices())):
+        mesh = make_mesh(spec, devices=devices)
+        tx = build_optimizer(config.n_embd, num_iterations=10, ns_dtype=jnp.float32)
+        graphdef, state = init_train_state(config, tx, mesh, seed=0, dtype=jnp.bfloat16, kernels=names)
+        step = make_train_step(graphdef, state)
+        losses = []
+        for micro in batch:
+            state, metrics = step(state, *(global_batch(a, mesh, batch_axis=1) for a in (micro[..., :-1], micro[..., 1:])))
+            losses.append(float(metrics["loss"]))
+        out.append((np.array(losses), np.asarray(nnx.merge(graphdef, state)[0].blocks[0].mlp.c_fc.kernel[...])))
+    (losses_1, fc_1), *meshes = out
+    for losses, fc in meshes:
+        np.testing.assert_allclose(losses, losses_1, rtol=1e-3)
+        assert np.linalg.norm(fc - fc_1) / np.linalg.norm(fc_1) < 1e-2
