@@ -8,6 +8,9 @@ python -m nanochat_jax.bench data --data-dir DIR --threads 1,2                  
 train: the full step (fwd, bwd, Muon + AdamW) at nanochat's shapes; prints compile time, median
 step time, tokens/s, MFU against 989 TF/s per GPU (H100 bf16 dense, as nanochat) and peak memory.
 On GPU it first checks that cuDNN and XLA attention agree.
+kernels: each Pallas kernel (nanochat_jax.kernels) against its plain-JAX twin at a depth's shapes, and the mlp GEMM's
+tile sizes; NVIDIA GPUs only.
+python -m nanochat_jax.bench kernels --depth 20
 data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for each thread count.
 decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size, for the
 host loop (Engine.generate, streaming) and the device loop (Engine.generate_batch, one lax.while_loop).
@@ -26,6 +29,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +170,54 @@ def print_profile(fn, out_dir, n=3):
         print(f"  {kind:14s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
     for name, ms in kernels.most_common(15):
         print(f"  {ms:8.2f} ms  {name[:110]}")
+
+
+MLP_TILE_CHOICES = [dict(bm=bm, bn=bn, bk=bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in
+                    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                     (128, 256, 32, 8, 4), (64, 256, 64, 4, 4)]]
+
+
+def bench_kernels(args):
+    """Each Pallas kernel against its plain-JAX twin at a depth's training shapes, forward and forward + backward
+    (xent's kernel is both at once), then the mlp GEMM at several tile sizes. Timed on NVIDIA GPUs; under
+    NANOCHAT_JAX_PALLAS_INTERPRET=1 the same code runs in the interpreter (a smoke run: its times mean nothing)."""
+    from nanochat_jax import kernels
+    mode = kernels.mode()
+    if mode is None:
+        raise SystemExit("bench kernels: the Pallas kernels run only on NVIDIA GPUs (compute capability 8.0+)")
+    interpret = mode == "interpret"
+    config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.seq_len)
+    M, D, H, Dh, V = args.device_batch_size * args.seq_len, config.n_embd, config.n_head, config.head_dim, config.vocab_size
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (M, D), jnp.bfloat16)
+    w = (jax.random.normal(k[1], (D, 4 * D)) / D ** 0.5).astype(jnp.bfloat16)
+    q = jax.random.normal(k[2], (M, H, Dh), jnp.bfloat16)
+    angles = jax.random.uniform(k[3], (M, Dh // 2), maxval=6.0)
+    cos, sin = jnp.cos(angles).astype(jnp.bfloat16), jnp.sin(angles).astype(jnp.bfloat16)
+    C = min(M, 2**28 // V)  # model._chunked's chunk of the loss
+    z = (jax.random.normal(k[4], (C, V)) * 5).astype(jnp.bfloat16)
+    t, weights = jax.random.randint(k[5], (C,), 0, V), jnp.ones((C,), jnp.float32)
+
+    def with_grad(f):  # forward + backward of sum(f(...)), the gradient of the first argument
+        return jax.jit(jax.grad(lambda first, *rest: f(first, *rest).astype(jnp.float32).sum()))
+    cases = [("mlp_up", (x, w), lambda x, w: kernels.mlp_up_reference(x, w, kernels.rms_scale(x)),
+              lambda x, w: kernels.mlp_up(x, w, kernels.rms_scale(x), interpret)),
+             ("rope_qk_norm", (q, cos, sin), kernels.rope_qk_norm_reference, lambda *a: kernels.rope_qk_norm(*a, interpret))]
+    print(f"d{args.depth}: {M:,} rows, D={D}, H={H}, Dh={Dh}, loss chunk {C}x{V}")
+    for name, inputs, plain, fused in cases:
+        ms = [1000 * median_time(lambda: f(*inputs), args.steps) for f in
+              (jax.jit(plain), jax.jit(fused), with_grad(plain), with_grad(fused))]
+        print(f"{name:13s} forward: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms | forward + backward: plain {ms[2]:.3f} ms, kernel {ms[3]:.3f} ms")
+    xent = (jax.jit(kernels.xent_reference), jax.jit(lambda *a: kernels.xent_chunk(*a, interpret)))
+    ms = [1000 * median_time(lambda: f(z, t, weights), args.steps) for f in xent]
+    print(f"{'xent_chunk':13s} loss + logit gradient of one chunk: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms")
+    r = kernels.rms_scale(x)
+    for tiles in MLP_TILE_CHOICES:
+        if not kernels.mlp_up_supported(M, D, 4 * D, tiles):
+            continue
+        up = jax.jit(partial(kernels._mlp_up_call, interpret=interpret, tiles=tiles))
+        ms = 1000 * median_time(lambda: up(x, w, r), args.steps)
+        print(f"mlp_up tiles {tiles}: {ms:.3f} ms, {2 * M * D * 4 * D / ms / 1e9:.0f} TF/s")
 
 
 def bench_data(args):
@@ -324,6 +376,13 @@ p.add_argument("--attn", type=str, default=None, choices=["cudnn", "xla"], help=
 p.add_argument("--parts", action="store_true", help="also time fwd+bwd and the optimizer update on their own")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 3 steps into DIR and print GPU time by kernel kind")
 
+p = sub.add_parser("kernels", help="each Pallas kernel against the plain path, and the mlp GEMM's tiles (NVIDIA GPUs)")
+p.add_argument("--depth", type=int, default=20)
+p.add_argument("--device-batch-size", type=int, default=32)
+p.add_argument("--seq-len", type=int, default=2048)
+p.add_argument("--vocab-size", type=int, default=65536)
+p.add_argument("--steps", type=int, default=10, help="timed calls (median reported)")
+
 p = sub.add_parser("data", help="pretraining loader throughput")
 p.add_argument("--data-dir", type=str, default=None, help="parquet shards (default: downloaded, else embedded)")
 p.add_argument("--tokenizer-dir", type=str, default=None, help="default: $NANOCHAT_JAX_HOME/tokenizer")
@@ -375,4 +434,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.what != "data":
         print(f"xla_env: {xla_env.configure()}")  # the launcher's flags, so the figures are the training run's
-    {"train": bench_train, "data": bench_data, "decode": bench_decode, "evals": bench_evals, "rl": bench_rl}[args.what](args)
+    {"train": bench_train, "kernels": bench_kernels, "data": bench_data, "decode": bench_decode, "evals": bench_evals, "rl": bench_rl}[args.what](args)

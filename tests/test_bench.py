@@ -19,6 +19,20 @@ def test_train_benchmark_prints_its_figures():
     assert re.search(r"compile [\d.]+s \| step median [\d.]+ ms .* tok/s \| MFU [\d.]+% \| peak mem", line), line
 
 
+def test_kernels_benchmark_refuses_without_a_gpu_and_runs_in_the_interpreter():
+    args = ("kernels", "--depth", "2", "--device-batch-size", "1", "--seq-len", "256", "--vocab-size", "512", "--steps", "1")
+    import jax
+    if jax.default_backend() != "gpu" and "NANOCHAT_JAX_PALLAS_INTERPRET" not in os.environ:
+        refused = subprocess.run([sys.executable, "-m", "nanochat_jax.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert refused.returncode != 0 and "only on NVIDIA GPUs" in refused.stderr
+    env = dict(os.environ, NANOCHAT_JAX_PALLAS_INTERPRET="1")  # the same kernels, interpreted: a smoke run
+    result = subprocess.run([sys.executable, "-m", "nanochat_jax.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"mlp_up +forward: plain [\d.]+ ms, kernel [\d.]+ ms \| forward \+ backward", result.stdout), result.stdout
+    assert re.search(r"rope_qk_norm +forward", result.stdout) and re.search(r"xent_chunk .* kernel [\d.]+ ms", result.stdout)
+    assert re.search(r"mlp_up tiles \{'bm': 128, 'bn': 128.*TF/s", result.stdout), result.stdout
+
+
 def test_data_benchmark_prints_tokens_per_second(tmp_path):
     from nanochat_jax.dataset import write_shards
     from nanochat_jax.tokenizer import Tokenizer
