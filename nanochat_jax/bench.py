@@ -177,6 +177,9 @@ MLP_TILE_CHOICES = [dict(bm=bm, bn=bn, bk=bk, num_warps=w, num_stages=st) for bm
                      (128, 256, 32, 8, 4), (64, 256, 64, 4, 4)]]
 
 
+ROPE_ROW_CHOICES = [None, 8, 16, 32]  # kernels.rope_qk_norm's tokens per program (None: one head per program)
+
+
 def bench_kernels(args):
     """Each Pallas kernel against its plain-JAX twin at a depth's training shapes, forward and forward + backward
     (xent's kernel is both at once), then the mlp GEMM at several tile sizes. Timed on NVIDIA GPUs; under
@@ -201,16 +204,17 @@ def bench_kernels(args):
     def with_grad(f):  # forward + backward of sum(f(...)), the gradient of the first argument
         return jax.jit(jax.grad(lambda first, *rest: f(first, *rest).astype(jnp.float32).sum()))
     cases = [("mlp_up", (x, w), lambda x, w: kernels.mlp_up_reference(x, w, kernels.rms_scale(x)),
-              lambda x, w: kernels.mlp_up(x, w, kernels.rms_scale(x), interpret)),
-             ("rope_qk_norm", (q, cos, sin), kernels.rope_qk_norm_reference, lambda *a: kernels.rope_qk_norm(*a, interpret))]
+              lambda x, w: kernels.mlp_up(x, w, kernels.rms_scale(x), interpret))]
+    cases += [(f"rope_qk_norm, rows {rows}", (q, cos, sin), kernels.rope_qk_norm_reference,
+               partial(kernels.rope_qk_norm, interpret=interpret, rows=rows)) for rows in ROPE_ROW_CHOICES]
     print(f"d{args.depth}: {M:,} rows, D={D}, H={H}, Dh={Dh}, loss chunk {C}x{V}")
     for name, inputs, plain, fused in cases:
         ms = [1000 * median_time(lambda: f(*inputs), args.steps) for f in
               (jax.jit(plain), jax.jit(fused), with_grad(plain), with_grad(fused))]
-        print(f"{name:13s} forward: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms | forward + backward: plain {ms[2]:.3f} ms, kernel {ms[3]:.3f} ms")
+        print(f"{name:22s} forward: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms | forward + backward: plain {ms[2]:.3f} ms, kernel {ms[3]:.3f} ms")
     xent = (jax.jit(kernels.xent_reference), jax.jit(lambda *a: kernels.xent_chunk(*a, interpret)))
     ms = [1000 * median_time(lambda: f(z, t, weights), args.steps) for f in xent]
-    print(f"{'xent_chunk':13s} loss + logit gradient of one chunk: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms")
+    print(f"{'xent_chunk':22s} loss + logit gradient of one chunk: plain {ms[0]:.3f} ms, kernel {ms[1]:.3f} ms")
     r = kernels.rms_scale(x)
     for tiles in MLP_TILE_CHOICES:
         if not kernels.mlp_up_supported(M, D, 4 * D, tiles):

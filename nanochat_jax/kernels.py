@@ -207,69 +207,100 @@ def rope_qk_norm_reference(x, cos, sin):
     return (y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
 
 
-def _rope_norm_fwd_kernel(x_ref, cos_ref, sin_ref, o_ref, rstd_ref):
-    """One head of one token: x_ref (Dh,), cos/sin (Dh/2,). Rotate, normalise, keep the rms factor."""
-    d = x_ref.shape[0] // 2
-    x1, x2 = x_ref[:d], x_ref[d:]
-    c, s = cos_ref[...].astype(x1.dtype), sin_ref[...].astype(x1.dtype)
+def _rope_norm_fwd_math(x1, x2, c, s):
+    """The two halves of heads (..., Dh/2) and their cos/sin: normed rotated halves in fp32, and the rms factors."""
     y1 = (x1 * c + x2 * s).astype(jnp.float32)  # rounded to x's dtype first, like the reference's rotation
     y2 = (x2 * c - x1 * s).astype(jnp.float32)
-    rstd = lax.rsqrt((jnp.sum(y1 * y1) + jnp.sum(y2 * y2)) / (2 * d) + EPS)
-    o_ref[:d] = (y1 * rstd).astype(o_ref.dtype)
-    o_ref[d:] = (y2 * rstd).astype(o_ref.dtype)
-    rstd_ref[...] = rstd
+    rstd = lax.rsqrt((jnp.sum(y1 * y1, axis=-1) + jnp.sum(y2 * y2, axis=-1)) / (2 * x1.shape[-1]) + EPS)
+    return y1 * rstd[..., None], y2 * rstd[..., None], rstd
 
 
-def _rope_norm_bwd_kernel(x_ref, cos_ref, sin_ref, rstd_ref, g_ref, dx_ref):
-    """The backward of one head: through the norm (with the saved rms factor), then the inverse rotation."""
-    d = x_ref.shape[0] // 2
-    x1, x2 = x_ref[:d], x_ref[d:]
-    c, s = cos_ref[...].astype(x1.dtype), sin_ref[...].astype(x1.dtype)
+def _rope_norm_bwd_math(x1, x2, c, s, rstd, g1, g2):
+    """The backward of _rope_norm_fwd_math: through the norm (with the saved rms factors), then the inverse rotation."""
     y1, y2 = (x1 * c + x2 * s).astype(jnp.float32), (x2 * c - x1 * s).astype(jnp.float32)
-    g1, g2 = g_ref[:d].astype(jnp.float32), g_ref[d:].astype(jnp.float32)
-    rstd = rstd_ref[...]
-    mean_gy = (jnp.sum(g1 * y1) + jnp.sum(g2 * y2)) / (2 * d)
+    g1, g2, rstd = g1.astype(jnp.float32), g2.astype(jnp.float32), rstd[..., None]
+    mean_gy = (jnp.sum(g1 * y1, axis=-1) + jnp.sum(g2 * y2, axis=-1))[..., None] / (2 * x1.shape[-1])
     dy1 = rstd * g1 - rstd ** 3 * mean_gy * y1
     dy2 = rstd * g2 - rstd ** 3 * mean_gy * y2
     c32, s32 = c.astype(jnp.float32), s.astype(jnp.float32)
-    dx_ref[:d] = (dy1 * c32 - dy2 * s32).astype(dx_ref.dtype)
-    dx_ref[d:] = (dy1 * s32 + dy2 * c32).astype(dx_ref.dtype)
+    return dy1 * c32 - dy2 * s32, dy1 * s32 + dy2 * c32
+
+
+def _halves(ref, *idx):
+    d = ref.shape[-1] // 2
+    return ref[(*idx, slice(None, d))], ref[(*idx, slice(d, None))]
+
+
+def _store_halves(ref, idx, a, b):
+    d = ref.shape[-1] // 2
+    ref[(*idx, slice(None, d))] = a.astype(ref.dtype)
+    ref[(*idx, slice(d, None))] = b.astype(ref.dtype)
+
+
+def _rope_fwd_kernel(x_ref, cos_ref, sin_ref, o_ref, rstd_ref, *, heads):
+    """heads=None: one head of one token, x_ref (Dh,), cos/sin (Dh/2,). Else a block of tokens, x_ref (rows, N, Dh),
+    cos/sin (rows, Dh/2), one head at a time."""
+    c, s = cos_ref[...], sin_ref[...]
+    for idx in ([()] if heads is None else [(slice(None), h) for h in range(heads)]):
+        x1, x2 = _halves(x_ref, *idx)
+        y1, y2, rstd = _rope_norm_fwd_math(x1, x2, c.astype(x1.dtype), s.astype(x1.dtype))
+        _store_halves(o_ref, idx, y1, y2)
+        rstd_ref[idx if idx else ...] = rstd
+
+
+def _rope_bwd_kernel(x_ref, cos_ref, sin_ref, rstd_ref, g_ref, dx_ref, *, heads):
+    c, s = cos_ref[...], sin_ref[...]
+    for idx in ([()] if heads is None else [(slice(None), h) for h in range(heads)]):
+        x1, x2 = _halves(x_ref, *idx)
+        dx1, dx2 = _rope_norm_bwd_math(x1, x2, c.astype(x1.dtype), s.astype(x1.dtype), rstd_ref[idx if idx else ...],
+                                       *_halves(g_ref, *idx))
+        _store_halves(dx_ref, idx, dx1, dx2)
 
 
 def rope_qk_norm_supported(Dh):
-    return Dh & (Dh - 1) == 0 and Dh >= 32  # a head is one block: a power of 2
+    return Dh & (Dh - 1) == 0 and Dh >= 32  # half a head is one load: a power of 2
 
 
-def _per_head(kernel, out_shape, interpret, name):
-    """kernel over one head of one token, mapped over (R tokens, N heads); cos/sin are shared by a token's heads."""
-    call = pl.pallas_call(kernel, out_shape=out_shape, compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
-                          interpret=interpret, name=name)
-    return call
+ROPE_ROWS = None  # tokens per program: None = one program per (token, head), the layout measured on the H100
 
 
-def _rope_fwd_call(x, cos, sin, interpret):
-    Dh = x.shape[-1]
-    call = _per_head(_rope_norm_fwd_kernel, (jax.ShapeDtypeStruct((Dh,), x.dtype), jax.ShapeDtypeStruct((), jnp.float32)),
-                     interpret, "rope_qk_norm")
-    return jax.vmap(jax.vmap(call, in_axes=(0, None, None)))(x, cos, sin)
+def _rope_call(kernel, x, cos, sin, *per_head, out_shape, interpret, rows, name):
+    """kernel over x (R, N, Dh) with cos/sin (R, Dh/2) and per_head arrays (R, N[, Dh]): one program per
+    (token, head), mapped over both, or (rows) one program per block of `rows` tokens, looping over the heads."""
+    R, N, Dh = x.shape
+    params = plgpu.CompilerParams(num_warps=1 if rows is None else 4, num_stages=1)
+    if rows is None or R % rows:
+        call = pl.pallas_call(partial(kernel, heads=None), out_shape=jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape[2:], o.dtype), out_shape),
+                              compiler_params=params, interpret=interpret, name=name)
+        return jax.vmap(jax.vmap(call, in_axes=(0, None, None) + (0,) * len(per_head)))(x, cos, sin, *per_head)
+    block = lambda a: pl.BlockSpec((rows, *a.shape[1:]), lambda i: (i,) + (0,) * (a.ndim - 1))
+    return pl.pallas_call(partial(kernel, heads=N), out_shape=out_shape, grid=(R // rows,),
+                          in_specs=[block(a) for a in (x, cos, sin, *per_head)],
+                          out_specs=jax.tree.map(block, out_shape), compiler_params=params, interpret=interpret,
+                          name=name)(x, cos, sin, *per_head)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def rope_qk_norm(x, cos, sin, interpret=False):
-    """rope_qk_norm_reference for x (R, N, Dh), cos/sin (R, Dh/2), one kernel program per head each way; cos and
-    sin get no gradient (they are functions of the positions)."""
-    return _rope_fwd_call(x, cos, sin, interpret)[0]
+def _rope_fwd_call(x, cos, sin, interpret, rows):
+    out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape[:2], jnp.float32))
+    return _rope_call(_rope_fwd_kernel, x, cos, sin, out_shape=out_shape, interpret=interpret, rows=rows, name="rope_qk_norm")
 
 
-def _rope_qk_norm_fwd(x, cos, sin, interpret):
-    y, rstd = _rope_fwd_call(x, cos, sin, interpret)
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def rope_qk_norm(x, cos, sin, interpret=False, rows=ROPE_ROWS):
+    """rope_qk_norm_reference for x (R, N, Dh), cos/sin (R, Dh/2), in one kernel each way (programs as _rope_call);
+    cos and sin get no gradient (they are functions of the positions)."""
+    return _rope_fwd_call(x, cos, sin, interpret, rows)[0]
+
+
+def _rope_qk_norm_fwd(x, cos, sin, interpret, rows):
+    y, rstd = _rope_fwd_call(x, cos, sin, interpret, rows)
     return y, (x, cos, sin, rstd)
 
 
-def _rope_qk_norm_bwd(interpret, residuals, g):
+def _rope_qk_norm_bwd(interpret, rows, residuals, g):
     x, cos, sin, rstd = residuals
-    call = _per_head(_rope_norm_bwd_kernel, jax.ShapeDtypeStruct(x.shape[-1:], x.dtype), interpret, "rope_qk_norm_bwd")
-    dx = jax.vmap(jax.vmap(call, in_axes=(0, None, None, 0, 0)))(x, cos, sin, rstd, g)
+    dx = _rope_call(_rope_bwd_kernel, x, cos, sin, rstd, g, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                    interpret=interpret, rows=rows, name="rope_qk_norm_bwd")
     return dx, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 

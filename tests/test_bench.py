@@ -29,7 +29,8 @@ def test_kernels_benchmark_refuses_without_a_gpu_and_runs_in_the_interpreter():
     result = subprocess.run([sys.executable, "-m", "nanochat_jax.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     assert re.search(r"mlp_up +forward: plain [\d.]+ ms, kernel [\d.]+ ms \| forward \+ backward", result.stdout), result.stdout
-    assert re.search(r"rope_qk_norm +forward", result.stdout) and re.search(r"xent_chunk .* kernel [\d.]+ ms", result.stdout)
+    assert re.search(r"rope_qk_norm, rows None +forward", result.stdout) and re.search(r"rope_qk_norm, rows 16 +forward", result.stdout)
+    assert re.search(r"xent_chunk .* kernel [\d.]+ ms", result.stdout)
     assert re.search(r"mlp_up tiles \{'bm': 128, 'bn': 128.*TF/s", result.stdout), result.stdout
 
 

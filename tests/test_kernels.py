@@ -57,14 +57,15 @@ def test_mlp_up_is_norm_cfc_relu2_with_its_gradients():
         assert g.dtype == r.dtype and rel_err(g, r) < 2e-2
 
 
-def test_rope_qk_norm_matches_rotation_then_norm():
+@pytest.mark.parametrize("rows", [None, 16])  # one program per (token, head), or per block of 16 tokens
+def test_rope_qk_norm_matches_rotation_then_norm(rows):
     R, N, Dh = 32, 3, 64
     k = jax.random.split(jax.random.key(2), 3)
     x = jax.random.normal(k[0], (R, N, Dh)).astype(jnp.bfloat16)
     angles = jax.random.uniform(k[1], (R, Dh // 2), maxval=6.0)
     cos, sin = jnp.cos(angles).astype(jnp.bfloat16), jnp.sin(angles).astype(jnp.bfloat16)
     probe = jax.random.normal(k[2], (R, N, Dh))
-    fused = lambda x: kernels.rope_qk_norm(x, cos, sin, INTERPRET)
+    fused = lambda x: kernels.rope_qk_norm(x, cos, sin, INTERPRET, rows)
     plain = lambda x: kernels.rope_qk_norm_reference(x, cos, sin)
     assert rel_err(fused(x), plain(x)) < 1e-2
     np.testing.assert_allclose(np.mean(np.asarray(fused(x), np.float32) ** 2, -1), 1.0, rtol=2e-2)  # unit rms per head
@@ -93,6 +94,31 @@ def test_model_with_kernels_gives_the_plain_loss_and_gradients(names, monkeypatc
     assert len(grads) == len(want_grads)
     for g, w in zip(grads, want_grads):
         assert rel_err(g, w) < 3e-2
+
+
+def test_every_kernel_lowers_to_triton_for_cuda():
+    """Pallas's Triton lowering runs without a GPU (what it checks: power-of-2 arrays, supported primitives), so
+    the kernels the GPU will compile, forward and backward at d20's head and tile shapes, are checked here too;
+    what it leaves to the GPU is Triton's own compile."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+    S = jax.ShapeDtypeStruct
+
+    def triton_calls(f, *args):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
+    q, cs = S((256, 10, 128), jnp.bfloat16), S((256, 64), jnp.bfloat16)
+    for rows in (None, 16):
+        rope_grad = jax.grad(lambda q, c, s: kernels.rope_qk_norm(q, c, s, False, rows).astype(jnp.float32).sum())
+        assert triton_calls(rope_grad, q, cs, cs) == 2  # forward and backward
+    assert triton_calls(kernels.xent_chunk, S((64, 65536), jnp.bfloat16), S((64,), jnp.int32), S((64,), jnp.float32)) == 1
+    x, w, r = S((1024, 1280), jnp.bfloat16), S((1280, 5120), jnp.bfloat16), S((1024,), jnp.float32)
+    assert triton_calls(jax.grad(lambda x, w, r: kernels.mlp_up(x, w, r).astype(jnp.float32).sum()), x, w, r) == 1
+
+    def not_a_power_of_2(x_ref, o_ref):
+        o_ref[...] = 2 * x_ref[...]
+    bad = pl.pallas_call(not_a_power_of_2, out_shape=S((10,), jnp.float32), compiler_params=plgpu.CompilerParams())
+    with pytest.raises(ValueError, match="power of 2"):
+        triton_calls(bad, S((10,), jnp.float32))
 
 
 def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
