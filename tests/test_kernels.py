@@ -73,27 +73,29 @@ def test_rope_qk_norm_matches_rotation_then_norm(rows):
     assert rel_err(grad(fused), grad(plain)) < 2e-2
 
 
-@pytest.mark.parametrize("names", [("xent",), ("rope",), ("mlp",), kernels.NAMES])
-def test_model_with_kernels_gives_the_plain_loss_and_gradients(names, monkeypatch):
-    """The whole training loss with each kernel switched on, through GPT(kernels=...), against GPT without."""
+def test_model_with_kernels_gives_the_plain_loss_and_gradients(monkeypatch):
+    """The whole training loss with every kernel switched on, through GPT(kernels=...), against GPT without."""
     if INTERPRET:
         monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
     config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     x, y = (jax.random.randint(jax.random.key(i), (2, 64), 0, 512) for i in (3, 4))
+    y = y.at[:, :10].set(-1)  # ignored targets, as SFT's prompts
+    advantages = jax.random.normal(jax.random.key(6), (2, 64))  # RL's per-token weights
 
-    def loss_and_grads(names):
+    def loss_and_grads(names, weights):
         model = GPT(config, dtype=jnp.bfloat16, kernels=names, rngs=nnx.Rngs(0))
         for block in model.blocks:  # nanochat zeroes both output projections: give the blocks something to do
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 proj.kernel[...] = 0.02 * jax.random.normal(jax.random.key(5), proj.kernel.shape)
-        loss, grads = nnx.value_and_grad(lambda m: m(x, y))(model)
+        loss, grads = nnx.value_and_grad(lambda m: m(x, y, weights=weights))(model)
         return float(loss), jax.tree.leaves(nnx.state(grads))
 
-    (loss, grads), (want_loss, want_grads) = loss_and_grads(names), loss_and_grads(())
-    assert abs(loss - want_loss) < 1e-3 * want_loss
-    assert len(grads) == len(want_grads)
-    for g, w in zip(grads, want_grads):
-        assert rel_err(g, w) < 3e-2
+    for weights in (None, advantages):  # the mean loss, and RL's weighted sum
+        (loss, grads), (want_loss, want_grads) = loss_and_grads(kernels.NAMES, weights), loss_and_grads((), weights)
+        assert abs(loss - want_loss) < 1e-3 * abs(want_loss)
+        assert len(grads) == len(want_grads)
+        for g, w in zip(grads, want_grads):
+            assert rel_err(g, w) < 3e-2
 
 
 def test_every_kernel_lowers_to_triton_for_cuda():
