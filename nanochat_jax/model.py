@@ -218,7 +218,7 @@ def sharded_cross_entropy_sum(h, lm_kernel, targets, weights=None, kernels=False
     sums its rows' losses and d(lm_head) locally, and one all-reduce adds them up. kernels: use the Pallas
     loss kernel where it runs (cross_entropy_sum's kernel)."""
     mesh, axes = _row_axes()
-    kernel = pallas.mode() if kernels and pallas.xent_supported(lm_kernel.shape[1]) else None
+    kernel = kernel_mode(kernels and pallas.xent_supported(lm_kernel.shape[1]))
     if not axes:
         return cross_entropy_sum(h, lm_kernel, targets, weights, None, (), kernel)
     per_token = (targets,) if weights is None else (targets, weights)  # split over the devices like h's rows
@@ -323,7 +323,7 @@ class CausalSelfAttention(nnx.Module):
         q = self.c_q(x).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
         k = self.c_k(x).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
         v = self.c_v(x).reshape(B, T, self.n_kv_head, self.head_dim)
-        mode = pallas.mode() if self.kernels else None
+        mode = kernel_mode(self.kernels)
         if mode:  # the same two steps in one Pallas kernel each way
             cs = [jnp.broadcast_to(c, (B, T, c.shape[-1])).reshape(B * T, -1) for c in (cos, sin)]
             rope_norm = lambda t, c, s: pallas.rope_qk_norm(t, c, s, mode == "interpret")
@@ -389,17 +389,25 @@ class MLP(nnx.Module):
     def normed(self, x):
         """self(norm(x)); with kernels, norm, c_fc and ReLU² are one Pallas GEMM (kernels.mlp_up)."""
         B, T, D = x.shape
-        mode = pallas.mode() if self.kernels else None
         mesh, axes = _row_axes()
         local_rows = B * T // math.prod(mesh.shape[a] for a in axes)  # what each device's kernel sees (on_rows)
-        # c_fc split over a tensor axis would leave GSPMD to partition the Pallas call, which it cannot
-        split_weights = not mesh.empty and math.prod(mesh.shape.values()) > math.prod(mesh.shape[a] for a in axes)
-        if not mode or split_weights or not pallas.mlp_up_supported(local_rows, D, self.c_fc.kernel.shape[1]):
+        mode = kernel_mode(self.kernels and pallas.mlp_up_supported(local_rows, D, self.c_fc.kernel.shape[1]))
+        if not mode:
             return self(norm(x))
         up = lambda x, r, w: pallas.mlp_up(x, w, r, mode == "interpret")
         x = x.reshape(B * T, D)
         h = on_rows(up, x, pallas.rms_scale(x), shared=(self.c_fc.kernel[...].astype(x.dtype),))
         return self.c_proj(h.reshape(B, T, -1))
+
+
+def kernel_mode(enabled):
+    """kernels.mode() for a kernel that is switched on, else None; None too under a mesh with a tensor axis: arrays
+    split over heads, MLP or vocab would leave GSPMD to partition a Pallas call, which it cannot (a kernel is only
+    ever handed each device's own rows, by on_rows)."""
+    mesh, axes = _row_axes()
+    if not enabled or (not mesh.empty and math.prod(mesh.shape.values()) > math.prod(mesh.shape[a] for a in axes)):
+        return None
+    return pallas.mode()
 
 
 def on_rows(fn, *rows, shared=()):

@@ -129,11 +129,11 @@ def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
 
 
 def test_kernels_on_a_mesh_run_per_device_and_match_one_device(monkeypatch):
-    """Under data x fsdp x tensor the kernels run inside shard_map on each device's own rows (a Pallas call has no
-    partitioning rule; mlp's falls back to the plain path where c_fc is split over the tensor axis). Two optimizer
-    steps then give the plain one-device losses, and Muon's update of c_fc the same weights. (AdamW's first
-    steps are about ±lr whatever the gradient's size, so bf16 noise in tiny gradients flips them: its weights
-    are not compared.)"""
+    """Under data x fsdp the kernels run inside shard_map on each device's own rows (a Pallas call has no
+    partitioning rule); under data x fsdp x tensor they fall back to the plain path (heads, MLP and vocab are split).
+    Two optimizer steps give the plain one-device losses either way, and Muon's update of c_fc the same weights.
+    (AdamW's first steps are about ±lr whatever the gradient's size, so bf16 noise in tiny gradients flips them:
+    its weights are not compared.)"""
     from nanochat_jax.optim import build_optimizer
     from nanochat_jax.sharding import global_batch, make_mesh
     from nanochat_jax.train import init_train_state, make_train_step
@@ -150,7 +150,10 @@ def test_kernels_on_a_mesh_run_per_device_and_match_one_device(monkeypatch):
         step = make_train_step(graphdef, state)
         losses = []
         for micro in batch:
-            state, metrics = step(state, *(global_batch(a, mesh, batch_axis=1) for a in (micro[..., :-1], micro[..., 1:])))
+            arrays = tuple(global_batch(a, mesh, batch_axis=1) for a in (micro[..., :-1], micro[..., 1:]))
+            # the kernels run where the mesh splits rows only, and the plain path under a tensor axis
+            assert ("pallas_call" in str(step.trace(state, *arrays).jaxpr)) == (bool(names) and "tensor" not in spec)
+            state, metrics = step(state, *arrays)
             losses.append(float(metrics["loss"]))
         out.append((np.array(losses), np.asarray(nnx.merge(graphdef, state)[0].blocks[0].mlp.c_fc.kernel[...])))
     (losses_1, fc_1), *meshes = out
