@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-EPS = float(jnp.finfo(jnp.float32).eps)  # model.norm's: torch's default for fp32
-CAP = 15.0  # model.softcap's
+EPS = float(jnp.finfo(jnp.float32).eps)  # RMSNorm's (model.norm uses rms_scale): torch's default for fp32
+CAP = 15.0  # the logit softcap (model.softcap's default)
 
 
 def mode():
@@ -66,13 +66,12 @@ def rms_scale(x):
 # Cross-entropy of a chunk of logits
 
 def xent_reference(z, targets, weights):
-    """Plain JAX: per-token loss (C,) of softcap(z) against targets (0 where target < 0), and the gradient of
-    sum(loss * weights) with respect to z, in z's dtype."""
+    """Plain JAX, the model's own path: per-token loss (C,) of softcap(z) against targets (0 where target < 0),
+    and the gradient of sum(loss * weights) with respect to z, in z's dtype."""
+    from nanochat_jax.model import token_losses  # here: the model imports this module
+
     def total(z):
-        logits = CAP * jnp.tanh(z.astype(jnp.float32) / CAP)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-        losses = jnp.where(targets >= 0, lse - target_logit, 0.0)
+        losses = token_losses(z, targets)
         return (losses * weights).sum(), losses
     (_, losses), dz = jax.value_and_grad(total, has_aux=True)(z)
     return losses, dz
@@ -198,13 +197,10 @@ mlp_up.defvjp(_mlp_up_fwd, _mlp_up_bwd)
 # RoPE + QK norm
 
 def rope_qk_norm_reference(x, cos, sin):
-    """Plain JAX: RMSNorm(RoPE(x)) over each head for x (R, N, Dh) and cos/sin (R, Dh/2), in x's dtype (the
-    rotation rounds to x's dtype first, as model.apply_rotary_emb does)."""
-    c, s = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    y = jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c], axis=-1).astype(jnp.float32)
-    return (y * lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + EPS)).astype(x.dtype)
+    """Plain JAX, the model's own path: RMSNorm(RoPE(x)) over each head for x (R, N, Dh) and cos/sin (R, Dh/2),
+    in x's dtype (the rotation rounds to x's dtype first)."""
+    from nanochat_jax.model import apply_rotary_emb, norm  # here: the model imports this module
+    return norm(apply_rotary_emb(x[None], cos[None], sin[None])[0])
 
 
 def _rope_norm_fwd_math(x1, x2, c, s):

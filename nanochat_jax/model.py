@@ -65,9 +65,7 @@ def backend_settings():
 
 def norm(x):
     """RMSNorm with no learnable params, in fp32; eps is torch's default for fp32."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.finfo(jnp.float32).eps)
-    return y.astype(x.dtype)
+    return (x.astype(jnp.float32) * pallas.rms_scale(x)[..., None]).astype(x.dtype)
 
 
 def rotary_tables(positions, head_dim, base=10000.0):
@@ -85,7 +83,7 @@ def apply_rotary_emb(x, cos, sin):
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
 
 
-def softcap(logits, cap=15.0):
+def softcap(logits, cap=pallas.CAP):
     return cap * jnp.tanh(logits / cap)
 
 
@@ -169,11 +167,12 @@ def _cross_entropy_sum_fwd(h, lm_kernel, targets, weights, chunk_tokens, device_
     def chunk_step(dw, args):
         hc, tc, *wc = args  # (C, D), (C,), [(C,)]
         z = hc @ w  # (C, V) in the compute dtype, like torch autocast's lm_head output
+        weight = wc[0] if wc else jnp.ones(tc.shape, jnp.float32)
         if kernel:
-            losses, dz = pallas.xent_chunk(z, tc, wc[0] if wc else jnp.ones(tc.shape, jnp.float32), kernel == "interpret")
-            loss = (losses * (wc[0] if wc else 1.0)).sum()
+            losses, dz = pallas.xent_chunk(z, tc, weight, kernel == "interpret")
+            loss = (losses * weight).sum()
         else:
-            loss, dz = jax.value_and_grad(lambda z: (token_losses(z, tc) * (wc[0] if wc else 1.0)).sum())(z)
+            loss, dz = jax.value_and_grad(lambda z: (token_losses(z, tc) * weight).sum())(z)
         dw = dw + jnp.einsum("cd,cv->dv", hc, dz, preferred_element_type=jnp.float32)
         return dw, (loss, dz @ w.T)
 
