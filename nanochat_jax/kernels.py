@@ -282,7 +282,7 @@ def _rope_fwd_call(x, cos, sin, interpret, rows):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def rope_qk_norm(x, cos, sin, interpret=False, rows=ROPE_ROWS):
+def rope_qk_norm(x, cos, sin, interpret=False, rows=None):
     """rope_qk_norm_reference for x (R, N, Dh), cos/sin (R, Dh/2), in one kernel each way (programs as _rope_call);
     cos and sin get no gradient (they are functions of the positions)."""
     return _rope_fwd_call(x, cos, sin, interpret, rows)[0]

@@ -325,7 +325,7 @@ class CausalSelfAttention(nnx.Module):
         mode = kernel_mode(self.kernels)
         if mode:  # the same two steps in one Pallas kernel each way
             cs = [jnp.broadcast_to(c, (B, T, c.shape[-1])).reshape(B * T, -1) for c in (cos, sin)]
-            rope_norm = lambda t, c, s: pallas.rope_qk_norm(t, c, s, mode == "interpret")
+            rope_norm = lambda t, c, s: pallas.rope_qk_norm(t, c, s, mode == "interpret", pallas.ROPE_ROWS)
             q, k = (on_rows(rope_norm, t.reshape(B * T, *t.shape[2:]), *cs).reshape(t.shape) for t in (q, k))
         else:
             q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE

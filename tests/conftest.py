@@ -1,7 +1,16 @@
+import fcntl
+import json
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 import jax
+import pytest
 
 # Tests never read or write the user's ~/.cache/nanochat_jax: one throwaway home per test session.
 os.environ["NANOCHAT_JAX_HOME"] = tempfile.mkdtemp(prefix="nanochat_jax_test_home_")
@@ -11,10 +20,20 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fails loudly
 
 
+# The files in order of their time on a 2-core AMD EPYC (2026-12-07, seconds), longest first; the rest follow
+# in their own order. Two xdist workers take files from the front of the queue as they free up, so the longest
+# (the end-to-end speedrun) runs beside everything else instead of after it, and the suite ends evenly.
+LONGEST_FIRST = ["test_run_speedrun.py",  # 927
+                 "test_engine.py", "test_mid_train.py", "test_checkpoint.py", "test_rl.py",  # 232, 168, 166, 126
+                 "test_bench.py", "test_multiprocess.py", "test_kernels.py", "test_parity.py",  # 108, 106, 106, 98
+                 "test_sharding.py", "test_web.py", "test_core.py", "test_model.py"]  # 97, 96, 85, 77
+
+
 def pytest_collection_modifyitems(items):
-    """The end-to-end speedrun (the longest file, minutes) first: on two xdist workers it then runs
-    beside everything else instead of after it."""
-    items.sort(key=lambda item: item.path.name != "test_run_speedrun.py")  # stable: the order within files is kept
+    """Run the files longest first (xdist keeps this order with --no-loadscope-reorder, in pyproject's addopts;
+    its default sorts files by their number of tests)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within files is kept
 
 
 def randomize(model, seed=1, scale=0.3):
@@ -51,24 +70,43 @@ def memorise(model, tokenizer, conversations, steps, lr):
 
 
 # -----------------------------------------------------------------------------
+# Costly fixtures built once per test run and shared by the xdist workers (they run in separate processes).
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, worker_id):
+    """A directory of this test run that every worker sees: under xdist the parent of the workers' temp dirs."""
+    return tmp_path_factory.getbasetemp().parent if worker_id != "master" else tmp_path_factory.getbasetemp()
+
+
+def built_once(run_dir, name, build):
+    """run_dir/name, made by build(path) for the first worker that asks; the others wait on the lock, then
+    reuse it. Callers that write into it take a copy."""
+    target = run_dir / name
+    with open(run_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (run_dir / f"{name}.done").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a build that failed midway
+            target.mkdir()
+            build(target)
+            (run_dir / f"{name}.done").touch()
+    return target
+
+
+# -----------------------------------------------------------------------------
 # A real chat server for the web tests: a tiny GPT trained to answer two prompts, saved as a training
 # checkpoint, exported with `python -m nanochat_jax.export`, then served by `python -m web.server`.
-
-import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_REPLIES = {"Hi": "Hello! 👋 你好", "Tell me a story": "la " * 70}  # the second runs long: for cancelling mid-stream
 
 
 @pytest.fixture(scope="session")
-def chat_export(tmp_path_factory):
+def chat_export(run_dir):
+    """A served export of a tiny GPT trained to give CHAT_REPLIES (read-only: the server and chat_cli only load it)."""
+    return str(built_once(run_dir, "chat", build_chat_export) / "export")
+
+
+def build_chat_export(root):
     from flax import nnx
     from nanochat_jax.checkpoint import Checkpointer
     from nanochat_jax.dataloader import make_loader
@@ -79,7 +117,6 @@ def chat_export(tmp_path_factory):
     from nanochat_jax.tokenizer import Tokenizer
     from nanochat_jax.train import init_train_state
 
-    root = tmp_path_factory.mktemp("chat")
     home = root / "home"
     tokenizer = Tokenizer([bytes([b]) for b in range(256)])  # bytes: emoji and CJK span several tokens
     tokenizer.save(str(home / "tokenizer"))
@@ -100,7 +137,6 @@ def chat_export(tmp_path_factory):
     out = root / "export"
     subprocess.run([sys.executable, "-m", "nanochat_jax.export", "--stage", "sft", "--tag", "chat", "--out", str(out), "--dtype", "float32"],
                    cwd=REPO, env=dict(os.environ, NANOCHAT_JAX_HOME=str(home)), check=True, capture_output=True, timeout=300)
-    return str(out)
 
 
 def free_port():
@@ -158,6 +194,13 @@ def base_run(home):
     run_stage(home, "pipelines.base_train", "--depth", "2", "--max-seq-len", "64", "--device-batch-size", "4",
               "--total-batch-size", "256", "--num-iterations", "10", "--eval-every", "-1", "--eval-tokens", "1024",
               "--sample-every", "-1", "--core-metric-every", "-1", "--tag", "d2")
+    return home
+
+
+def copy_of_base_run(run_dir, tmp_path_factory):
+    """A module's own home holding base_run's outputs (made once per test run, then copied: stages write into it)."""
+    home = tmp_path_factory.mktemp("home")
+    shutil.copytree(built_once(run_dir, "base_run", base_run), home, dirs_exist_ok=True)
     return home
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import base_run, metrics_rows, run_stage
+from conftest import copy_of_base_run, metrics_rows, run_stage
 from nanochat_jax.mixtures import identity
 from nanochat_jax.model import GPTConfig
 from nanochat_jax.optim import build_optimizer, lr_schedule
@@ -19,8 +19,8 @@ FLAGS = ["--source", "base", "--tag", "d2", "--mixture", "offline", "--mixture-f
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return base_run(tmp_path_factory.mktemp("home"))
+def home(run_dir, tmp_path_factory):
+    return copy_of_base_run(run_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

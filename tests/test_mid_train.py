@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 
-from conftest import base_run, metrics_rows, run_stage
+from conftest import copy_of_base_run, metrics_rows, run_stage
 
 FLAGS = ["--tag", "d2", "--mixture", "offline", "--mixture-fraction", "0.002", "--device-batch-size", "4",
          "--total-batch-size", "256", "--eval-every", "5", "--eval-tokens", "512"]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return base_run(tmp_path_factory.mktemp("home"))
+def home(run_dir, tmp_path_factory):
+    return copy_of_base_run(run_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import base_run, metrics_rows, randomize, run_stage
+from conftest import copy_of_base_run, metrics_rows, randomize, run_stage
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.optim import build_optimizer
@@ -121,8 +121,8 @@ def test_mean_reward_rises_on_a_learnable_task():
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return base_run(tmp_path_factory.mktemp("home"))
+def home(run_dir, tmp_path_factory):
+    return copy_of_base_run(run_dir, tmp_path_factory)
 
 
 FLAGS = ["--source", "base", "--tag", "d2", "--task", "SpellingBee", "--examples-per-step", "2", "--num-samples", "4",
