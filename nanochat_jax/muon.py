@@ -4,13 +4,15 @@ Muon (MomentUm Orthogonalized by Newton-Schulz) as an optax GradientTransformati
 - 5 quintic Newton-Schulz steps in bfloat16 turn the update into ~U·S'·Vᵀ with S' ≈ U(0.5, 1.5)
 - the update is scaled by sqrt(max(1, fan_out/fan_in)) and carries no lr (chain a learning rate after it)
 Only for 2-D matrices in Flax layout (fan_in, fan_out); matrices of one shape are orthogonalized as one
-batch. Sharded params work under jit: see `newton_schulz`.
+batch, and under a mesh of several devices that batch is split over the devices (each orthogonalizes its
+share, as nanochat's DistMuon does by rank). Sharded params work under jit: see `newton_schulz`.
 """
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # Quintic coefficients from Keller Jordan's Muon: picked to maximise the slope at zero so that small
 # singular values grow fast; the price is that they settle in ~(0.5, 1.5) instead of exactly 1.
@@ -32,6 +34,21 @@ def newton_schulz(G, steps=5, coeffs=NS_COEFFS, dtype=jnp.bfloat16):
         B = b * A + c * (A @ A)
         X = a * X + B @ X  # X ← aX + b(XXᵀ)X + c(XXᵀ)²X, odd polynomial in the singular values
     return X.mT if tall else X
+
+
+def spread_over_devices(stack):
+    """Split a stack of matrices (n, m, k) by its first axis over the active mesh's axes, as many as divide n,
+    so each device runs Newton-Schulz on its share only: with data parallelism every device would otherwise
+    orthogonalize every matrix. XLA gathers the results back into the params' layouts. No mesh: as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes, devices = [], 1
+    for name, size in ({} if mesh.empty else mesh.shape).items():
+        if size > 1 and stack.shape[0] % (devices * size) == 0:
+            axes.append(name)
+            devices *= size
+    if not axes:
+        return stack
+    return jax.lax.with_sharding_constraint(stack, NamedSharding(mesh, P(tuple(axes))))
 
 
 def aspect_scale(shape):
@@ -81,7 +98,7 @@ def scale_by_muon(momentum=0.95, nesterov=True, ns_steps=5, ns_coeffs=NS_COEFFS,
             groups.setdefault(g.shape, []).append(i)
         orthogonal = [None] * len(g_leaves)
         for idx in groups.values():
-            O = newton_schulz(jnp.stack([wide[i] for i in idx]), ns_steps, ns_coeffs, ns_dtype)
+            O = newton_schulz(spread_over_devices(jnp.stack([wide[i] for i in idx])), ns_steps, ns_coeffs, ns_dtype)
             for j, i in enumerate(idx):
                 g = g_leaves[i]
                 o = O[j] if g.shape == wide[i].shape else O[j].T

@@ -1,6 +1,7 @@
 """Our Muon: same maths as optax's, same updates as nanochat's PyTorch Muon (golden file), and its design properties."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,3 +166,23 @@ def test_sharded_matrices_give_the_same_update():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_a_stack_is_split_over_the_devices_of_a_mesh():
+    """Under a mesh of 8 devices (data x fsdp x tensor) the 16 same-shaped matrices are orthogonalized 2 per
+    device, not all 16 on each (the compiled program's Newton-Schulz dots are on stacks of 2), with the same
+    update as one device; a stack that no axis divides (3 matrices) stays whole."""
+    from nanochat_jax.sharding import make_mesh
+    grads = random_grads(5, [(32, 64)] * 16 + [(48, 48)] * 3)
+    tx = scale_by_muon(ns_dtype=jnp.float32)
+    update = jax.jit(lambda g: tx.update(g, tx.init(g))[0])
+    alone = update(grads)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    on_mesh = jax.device_put(grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))  # replicated, as data parallelism
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        hlo = update.lower(on_mesh).compile().as_text()
+        spread = update(on_mesh)
+    dots = set(re.findall(r"= f32\[(\d+),(?:32|48),(?:32|48)\]\{[\d,]*\} dot\(", hlo))
+    assert dots == {"2", "3"}, dots  # A = X·Xᵀ, A·A on 2 of the 16 per device; all 3 of the odd stack
+    for name in grads:
+        np.testing.assert_allclose(spread[name], alone[name], atol=1e-5)
