@@ -132,7 +132,8 @@ def test_failures_say_why_and_where(code, status, reason):
 def test_run_programs_runs_in_parallel_and_keeps_input_order():
     """Up to `workers` programs run at once (their sleeps overlap: counted from the times they report, not
     from the wall clock of a machine that may be busy), and the results come back in input order."""
-    programs = [f"import time\nstart = time.time()\ntime.sleep(0.5)\nprint({i}, start, time.time())" for i in range(20)]
+    programs = [f"import time\nstart = time.time()\ntime.sleep({0.2 + (20 - i) * 0.02})\nprint({i}, start, time.time())"
+                for i in range(20)]  # later ones finish first
     programs[7] = "assert False"
     results = run_programs(programs, workers=4)
     assert [r.stdout.split(" ")[0] for r in results] == [str(i) if i != 7 else "" for i in range(20)]
