@@ -142,9 +142,9 @@ HOSTILE = [
 
 @pytest.mark.parametrize("expr", HOSTILE)
 def test_hostile_expressions_are_refused(expr):
-    t0 = time.perf_counter()
+    t0 = time.thread_time()  # this thread's CPU time: a busy machine's waits for a core do not count
     assert calculate(expr) is None
-    assert time.perf_counter() - t0 < 0.1
+    assert time.thread_time() - t0 < 0.5  # refused before any large computation (9**9**9 would take minutes)
 
 
 def test_bounds_hold_without_the_length_cap(monkeypatch):
@@ -163,10 +163,10 @@ def test_bounds_hold_without_the_length_cap(monkeypatch):
 
 def test_pow_is_refused_before_computing():
     """9**9**9 must be refused from an estimate, not by computing a 370-million-digit int and checking it."""
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for expr in ["9**9**9", "(10**15)**100", "999999**100", "(-999999)**99", "1.5**100"]:
         assert calculate(expr) is None
-    assert time.perf_counter() - t0 < 0.1
+    assert time.thread_time() - t0 < 0.5  # computing 9**9**9 alone takes minutes of CPU
 
 
 # hypothesis: random text, and random strings over the calculator's own alphabet (much likelier to parse)
@@ -177,9 +177,9 @@ calc_like = st.lists(st.sampled_from(PIECES), max_size=80).map("".join)
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(st.text(max_size=300), calc_like))
 def test_never_raises_and_is_fast(expr):
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     out = calculate(expr)
-    assert time.perf_counter() - t0 < 0.1  # a safety bound, not a benchmark
+    assert time.thread_time() - t0 < 0.5  # a safety bound on CPU time, not a benchmark
     assert out is None or isinstance(out, str)
 
 
