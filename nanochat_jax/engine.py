@@ -242,10 +242,11 @@ class Engine:
         h, k, v = model.decode(tokens[:, None], k, v, pos, window, transposed=self.TRANSPOSED)
         return sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, steps), *knobs, mode=mode), k, v
 
-    def _insert_fn(self, k, v, k_row, v_row, slot):
-        """Copy a one-row cache into row `slot` of a batch cache."""
-        put = lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1)
-        return put(k, k_row), put(v, v_row)
+    def _insert_fn(self, k, v, k_rows, v_rows, slots):
+        """Copy the rows of a prefilled cache (L, n, S, K, Dh) into rows `slots` (n,) of a batch cache; a slot
+        past the batch (padding rows of a prefill) is not written."""
+        put = lambda c, r: c.at[:, slots].set(r, mode="drop")
+        return put(k, k_rows), put(v, v_rows)
 
     def _loop_fn(self, state, c, seeds, rows, *knobs, window, mode=None):
         """Decode on the device until every row stopped, max_tokens (the width of c["out"]), a row closing a

@@ -1,8 +1,9 @@
 """
 Continuous batching for the chat server. One thread owns the engine and a KV cache of `slots` rows;
-requests from any number of threads queue up, are prefilled into free rows between decode steps, and
-leave their row as soon as they finish or their client goes away. Every step decodes all active rows
-together, so concurrent chats share the weight reads instead of each holding a model.
+requests from any number of threads queue up, are prefilled into free rows between decode steps (those
+that wait together as the rows of one prefill), and leave their row as soon as they finish or their
+client goes away. Every step decodes all active rows together, so concurrent chats share the weight
+reads instead of each holding a model.
 
     scheduler = Scheduler(engine, slots=32)
     request = scheduler.submit(prompt_ids, max_tokens=256, temperature=0.8, top_k=50)
@@ -47,16 +48,21 @@ class Request:
 
 class Scheduler:
     """warmup=True compiles every prefill and decode shape before the first request is served (the
-    server reports ready=False meanwhile), so no client ever waits for a compile."""
+    server reports ready=False meanwhile), so no client ever waits for a compile. prefill_rows (a power
+    of two): the most waiting requests prefilled together in one call, so a burst of clients waits for a
+    few batched prefills instead of one prefill after another."""
 
-    def __init__(self, engine, slots=32, warmup=False):
-        self.engine, self.slots = engine, slots
+    def __init__(self, engine, slots=32, warmup=False, prefill_rows=8):
+        if prefill_rows < 1 or prefill_rows & (prefill_rows - 1):
+            raise ValueError(f"prefill_rows must be a power of two, got {prefill_rows}")
+        self.engine, self.slots, self.prefill_rows = engine, slots, min(prefill_rows, 1 << (slots - 1).bit_length())
         self.k, self.v = engine.new_cache(slots)
         self.active = [None] * slots  # per row: (request, tool state) or None
         self.pos = np.zeros(slots, np.int32)  # where each row's next token goes in the cache
         self.candidates = np.zeros(slots, np.int32)  # each row's sampled, not yet emitted token
         self.waiting = queue.Queue()
-        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, batch_sizes=Counter())
+        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, batch_sizes=Counter(),
+                          prefill_sizes=Counter())
         self.stats_lock = threading.Lock()  # /stats reads from other threads
         self._stop, self.ready = threading.Event(), threading.Event()
         self.warmup = warmup
@@ -71,10 +77,12 @@ class Scheduler:
         return request
 
     def snapshot(self):
-        """Counters for /stats: rows in use, queue length, and how many rows each decode step ran."""
+        """Counters for /stats: rows in use, queue length, how many rows each decode step ran and how many
+        requests each prefill took."""
         busy = sum(r is not None for r in self.active)
         with self.stats_lock:
-            stats = dict(self.stats, batch_sizes={str(k): v for k, v in sorted(self.stats["batch_sizes"].items())})
+            stats = dict(self.stats, **{name: {str(k): v for k, v in sorted(self.stats[name].items())}
+                                        for name in ("batch_sizes", "prefill_sizes")})
         return dict(stats, slots=self.slots, busy_slots=busy, free_slots=self.slots - busy, waiting=self.waiting.qsize())
 
     def close(self):
@@ -85,8 +93,9 @@ class Scheduler:
     # the scheduler thread
 
     def _compile_all(self):
-        """Run each static shape once: prompts padded to every bucket, decode steps over every window.
-        Only free rows are touched, and whatever this writes into the cache is never read."""
+        """Run each static shape once: prefills of every group size with prompts padded to every bucket, decode
+        steps over every window. The prefills' rows are inserted past the batch, so nothing is written, and
+        what the decode steps write into free rows is never read."""
         sizes, n = [], 16
         while (b := self.engine.bucket(n)) not in sizes:
             sizes.append(b)
@@ -94,9 +103,14 @@ class Scheduler:
         zeros = np.zeros(self.slots, np.int32)
         knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
         for size in sizes:
-            _, k_row, v_row, *_ = self.engine._start([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
-            self.k, self.v = self.engine._insert(self.k, self.v, k_row, v_row, 0)
+            for rows in self._group_sizes():
+                dummy = Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
+                self._prefill([dummy] * rows, slots=[self.slots] * rows)
             _, self.k, self.v = self.engine._step(self.engine.state, zeros, self.k, self.v, zeros, zeros, zeros, zeros, *knobs, window=size)
+
+    def _group_sizes(self):
+        """The row counts a prefill is padded to: powers of two up to prefill_rows."""
+        return [1 << i for i in range(self.prefill_rows.bit_length())]
 
     def _run(self):
         if self.warmup:
@@ -120,22 +134,48 @@ class Scheduler:
                 self.k, self.v = self.engine.new_cache(self.slots)  # a failed step may have consumed the donated cache
 
     def _admit(self):
-        """Prefill waiting requests into free rows; block briefly when there is nothing to do."""
+        """Prefill waiting requests into free rows, up to prefill_rows of them per call; block briefly when
+        there is nothing to do."""
         while None in self.active:
-            try:
-                request = self.waiting.get(timeout=0.05 if not any(self.active) else 0)
-            except queue.Empty:
+            group, free = [], self.active.count(None)
+            while len(group) < min(free, self.prefill_rows):
+                try:
+                    request = self.waiting.get(timeout=0.05 if not any(self.active) and not group else 0)
+                except queue.Empty:
+                    break
+                if request.cancelled.is_set():
+                    self._close(request, None)
+                else:
+                    group.append(request)
+            if not group:
                 return
-            if request.cancelled.is_set():
-                self._close(request, None)
-                continue
-            slot = self.active.index(None)
-            t, k, p = request.knobs
-            first, k_row, v_row, *_ = self.engine._start(request.tokens, 1, t, k, p, request.seed)
-            self.k, self.v = self.engine._insert(self.k, self.v, k_row, v_row, slot)
-            self.active[slot] = (request, Row())
-            self.pos[slot], self.candidates[slot] = len(request.tokens), int(np.asarray(first)[0])
-            self.stats["requests"] += 1
+            slots = [i for i, entry in enumerate(self.active) if entry is None][:len(group)]
+            for request, slot in zip(group, slots):
+                self.active[slot] = (request, Row())  # first: should the prefill fail, _run fails these rows too
+            self._prefill(group, slots)
+            self.stats["requests"] += len(group)
+            with self.stats_lock:
+                self.stats["prefill_sizes"][len(group)] += 1
+
+    def _prefill(self, group, slots):
+        """Prefill the group's prompts as the rows of one call, padded to the next group size (padding rows
+        repeat the first prompt and are not inserted), and put each row's cache into its slot."""
+        rows = next(n for n in self._group_sizes() if n >= len(group))
+        padded = group + [group[0]] * (rows - len(group))
+        lengths = np.array([len(r.tokens) for r in padded], np.int32)
+        tokens = np.zeros((rows, self.engine.bucket(lengths.max())), np.int32)
+        for i, r in enumerate(padded):
+            tokens[i, :len(r.tokens)] = r.tokens
+        knobs = np.array([r.knobs for r in padded], np.float64)
+        first, k_rows, v_rows = self.engine._prefill(
+            self.engine.state, tokens, lengths, np.array([r.seed for r in padded], np.int32), np.zeros(rows, np.int32),
+            knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32))
+        targets = np.array(list(slots) + [self.slots] * (rows - len(group)), np.int32)  # past the batch: dropped
+        self.k, self.v = self.engine._insert(self.k, self.v, k_rows, v_rows, targets)
+        first = np.asarray(first)
+        for i, (request, slot) in enumerate(zip(group, slots)):
+            if slot < self.slots:
+                self.pos[slot], self.candidates[slot] = len(request.tokens), int(first[i])
 
     def _emit(self):
         """Hand each row its next token (the calculator may force one) and retire finished rows."""

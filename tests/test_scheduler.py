@@ -41,6 +41,22 @@ def test_batched_requests_match_running_alone(engine):
         scheduler.close()
 
 
+def test_a_burst_is_prefilled_in_batches_with_each_request_still_its_solo_tokens(engine):
+    """Requests that queue up together (here, during the warm-up) are prefilled as the rows of one call, up to
+    prefill_rows at a time, padded to a power of two; each still gets exactly the tokens it gets alone."""
+    scheduler = Scheduler(engine, slots=8, warmup=True, prefill_rows=4)
+    try:
+        jobs = [(PROMPTS[i % 3], dict(temperature=t, top_k=k, seed=i)) for i, (t, k) in enumerate([(1.0, 50), (0.0, 0), (0.8, 5)] * 2)]
+        requests = [scheduler.submit(p, max_tokens=12, **kw) for p, kw in jobs]  # queued while it compiles
+        for request, (prompt, knobs) in zip(requests, jobs):
+            assert list(request) == alone(engine, prompt, 12, **knobs), knobs
+        assert scheduler.snapshot()["prefill_sizes"] == {"2": 1, "4": 1}  # 6 requests: a call of 4, then one of 2
+    finally:
+        scheduler.close()
+    with pytest.raises(ValueError, match="power of two"):
+        Scheduler(engine, prefill_rows=3)
+
+
 def test_cancel_frees_the_row_and_full_context_stops(engine):
     scheduler = Scheduler(engine, slots=2)
     try:
@@ -69,6 +85,9 @@ def test_warmup_compiles_every_shape_before_serving():
         compiled = (engine._prefill._cache_size(), engine._step._cache_size(), engine._insert._cache_size())
         for prompt in ([256] * 3, [256] * 20, [256] * 40):
             list(scheduler.submit(prompt, max_tokens=30, temperature=1.0, top_k=5))
+        burst = [scheduler.submit([256] * n, max_tokens=5, temperature=1.0) for n in (2, 9, 33)]  # together: prefills of several rows
+        for request in burst:
+            list(request)
         assert (engine._prefill._cache_size(), engine._step._cache_size(), engine._insert._cache_size()) == compiled
     finally:
         scheduler.close()

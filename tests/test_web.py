@@ -140,6 +140,7 @@ def test_64_concurrent_streaming_clients(web_server):
     print(describe(figures))
     assert figures["errors"] == [] and figures["completed"] == 64
     assert max(figures["batch_sizes"]) == 16  # every row of the batch was used: requests were decoded together
+    assert max(figures["prefill_sizes"]) > 1 and sum(k * v for k, v in figures["prefill_sizes"].items()) == 64  # and prefilled together
     assert stream_chat(web_server, "Hi", 64, 0.0)[2] == CHAT_REPLIES["Hi"]  # and the server is still right afterwards
 
 

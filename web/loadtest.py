@@ -1,6 +1,7 @@
 """
 Load test for a running chat server: N clients stream chats at once through nanochat's protocol.
-Prints requests/s, time to first token (p50/p99), and the decode batch sizes the scheduler formed.
+Prints requests/s, time to first token (p50/p99), the decode batch sizes the scheduler formed, and how many
+requests each of its prefills took.
 
 python -m web.loadtest --url http://127.0.0.1:8000 --clients 64 --max-tokens 64
 """
@@ -60,14 +61,17 @@ def run_load(url, clients=64, max_tokens=64, temperature=0.8, messages=("Hi", "T
         t.join()
     elapsed = time.perf_counter() - t0
     stats = json.load(urllib.request.urlopen(url + "/stats"))
-    before = stats_before["batch_sizes"]
-    batch_sizes = {int(k): v - before.get(k, 0) for k, v in stats["batch_sizes"].items() if v - before.get(k, 0)}
+    since = lambda name: {int(k): v - stats_before[name].get(k, 0) for k, v in stats[name].items() if v - stats_before[name].get(k, 0)}
     done = [r for r in results if r is not None]
     ttft = [r[0] for r in done]
+    tokens = stats["tokens"] - stats_before["tokens"]  # as the scheduler counts them (stop tokens included)
+    streaming = sum(r[1] - r[0] for r in done)  # each client's time from its first token to its last
     return dict(clients=clients, completed=len(done), errors=errors, seconds=elapsed, requests_per_s=len(done) / elapsed,
                 ttft_p50=percentile(ttft, 0.5) if ttft else None, ttft_p99=percentile(ttft, 0.99) if ttft else None,
                 latency_p50=statistics.median(r[1] for r in done) if done else None,
-                chars=sum(len(r[2]) for r in done), batch_sizes=batch_sizes)
+                chars=sum(len(r[2]) for r in done), tokens=tokens, tokens_per_s=tokens / elapsed,
+                client_tokens_per_s=(tokens - len(done)) / streaming if streaming > 0 else None,  # per client, after its first
+                batch_sizes=since("batch_sizes"), prefill_sizes=since("prefill_sizes"))
 
 
 def describe(figures):
@@ -76,7 +80,9 @@ def describe(figures):
     mean = sum(k * v for k, v in sizes.items()) / max(steps, 1)
     return (f"{figures['completed']}/{figures['clients']} completed, {len(figures['errors'])} errors, {figures['seconds']:.2f} s, "
             f"{figures['requests_per_s']:.2f} req/s | TTFT p50 {figures['ttft_p50'] * 1000:.0f} ms, p99 {figures['ttft_p99'] * 1000:.0f} ms | "
-            f"latency p50 {figures['latency_p50']:.2f} s | {steps} decode steps, mean batch {mean:.1f}, max {max(sizes, default=0)}")
+            f"latency p50 {figures['latency_p50']:.2f} s | {figures['tokens']} tokens, {figures['tokens_per_s']:,.0f} tok/s in all, "
+            f"{figures['client_tokens_per_s'] or 0:,.0f} tok/s per client after its first | "
+            f"{steps} decode steps, mean batch {mean:.1f}, max {max(sizes, default=0)}")
 
 
 if __name__ == "__main__":
@@ -89,5 +95,6 @@ if __name__ == "__main__":
     figures = run_load(args.url, args.clients, args.max_tokens, args.temperature)
     print(describe(figures))
     print("batch sizes (rows: steps):", dict(sorted(figures["batch_sizes"].items())))
+    print("prefills (requests: calls):", dict(sorted(figures["prefill_sizes"].items())))
     for e in figures["errors"]:
         print(e)
