@@ -15,6 +15,9 @@ data: the pretraining loader alone (read parquet, tokenize, pack), tokens/s for 
 decode: the KV-cache engine: time to first token, per-step latency, tokens/s and MBU per batch size, for the
 host loop (Engine.generate, streaming) and the device loop (Engine.generate_batch, one lax.while_loop).
 python -m nanochat_jax.bench decode --depth 20 --batch-sizes 1,8,32,128 --loop both
+serve: the chat server in-process on random weights under web.loadtest: one streaming client's tokens/s after its
+first token, then many clients at once (requests/s, TTFT p50/p99, prefill groups and decode batch sizes).
+python -m nanochat_jax.bench serve --depth 20 --clients 1,64
 evals: the full CORE bundle and the full ChatCORE (all six tasks, every problem) on random weights, timed per
 task, with the tokenizer in $NANOCHAT_JAX_HOME/tokenizer. Compiles are included. (With nanochat's init every
 row decodes the same greedy chain, so decode times say little about a trained model's.)
@@ -145,7 +148,7 @@ KERNEL_KINDS = [("attention", ("cudnn", "fmha", "flash", "sdpa")), ("nccl", ("nc
                 ("triton", ("triton",)), ("fusion/other", ("",))]
 
 
-def print_profile(fn, out_dir, n=3):
+def print_profile(fn, out_dir, n=3, top=15):
     """Trace n calls of fn and print the GPU time per kernel category and the top kernels, per call."""
     import collections
     import glob
@@ -165,11 +168,13 @@ def print_profile(fn, out_dir, n=3):
     for name, ms in kernels.items():
         by_kind[next(kind for kind, keys in KERNEL_KINDS if any(k in name.lower() for k in keys))] += ms
     total = sum(kernels.values())
-    print(f"profile: {total:.1f} ms of GPU kernels per step (trace in {out_dir})")
+    launches = sum(1 for plane in data.planes if plane.name.startswith("/device:GPU") for line in plane.lines
+                   if line.name.startswith("Stream") for _ in line.events) / n
+    print(f"profile: {total:.3f} ms of GPU kernels per call, {launches:.0f} kernels (trace in {out_dir})")
     for kind, ms in by_kind.most_common():
         print(f"  {kind:14s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
-    for name, ms in kernels.most_common(15):
-        print(f"  {ms:8.2f} ms  {name[:110]}")
+    for name, ms in kernels.most_common(top):
+        print(f"  {ms:8.3f} ms  {name[:110]}")
 
 
 MLP_TILE_CHOICES = [dict(bm=bm, bn=bn, bk=bk, num_warps=w, num_stages=st) for bm, bn, bk, w, st in
@@ -255,7 +260,7 @@ def bench_decode(args):
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
     itemsize = jnp.dtype(model.dtype).itemsize
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.state))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in engine.state[:engine.n_leaves])  # the fused QKV copies are read instead of these
     table_bytes = config.vocab_size * config.n_embd * itemsize  # a step reads only B rows of the embedding table
     kv_bytes_per_token = config.n_layer * 2 * config.n_kv_head * config.head_dim * jnp.dtype(engine.cache_dtype).itemsize
     loops = ["host", "device"] if args.loop == "both" else [args.loop]
@@ -300,6 +305,56 @@ def bench_decode(args):
             how = "(total - prefill) / steps" if total > prefill else "total / steps (the decode is within the prefill's noise)"
             report("device", B, prefill, (total - prefill if total > prefill else total) / steps,
                    f" | {steps} tokens/row in {total * 1000:.1f} ms (median); TTFT = prefill alone, step = {how}, first call (compiles) {compile_s:.1f}s")
+        if args.profile:  # the GPU kernels of one decode step (what both loops run per token)
+            cache_len = engine.cache_len(len(prompt), args.steps)
+            first, k, v, seeds, rows, knobs, mode = engine._start(prompt, B, args.temperature, args.top_k, 1.0, 0,
+                                                                  cache_len=cache_len, static_mode=True)
+            pos = np.full(B, len(prompt), np.int32)
+            cache = [k, v]
+
+            def one_step():
+                token, cache[0], cache[1] = engine._step(engine.state, first, *cache, pos, seeds, rows, pos, *knobs,
+                                                         window=engine.bucket(len(prompt) + 1), mode=mode)
+                return token
+            print_profile(one_step, os.path.join(args.profile, f"batch{B}"), n=10, top=args.profile_top)
+
+
+def bench_serve(args):
+    """The chat server (web.server's app over a Scheduler) in this process on random weights, driven by
+    web.loadtest: one streaming client (its tokens/s after the first token), then --clients at once (requests/s,
+    TTFT p50/p99, the prefill groups and decode batches the scheduler formed). Random weights rarely sample a stop
+    token, so every reply runs to --max-tokens."""
+    import logging
+    import threading
+    from flax import nnx
+    from werkzeug.serving import make_server
+    from nanochat_jax.engine import Engine
+    from nanochat_jax.model import GPT
+    from nanochat_jax.scheduler import Scheduler
+    from nanochat_jax.tokenizer import Tokenizer
+    from web.loadtest import describe, run_load
+    from web.server import create_app
+    config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
+    model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
+    tokenizer = Tokenizer.placeholder(args.vocab_size)
+    t0 = time.perf_counter()
+    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=True, prefill_rows=args.prefill_rows)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = make_server("127.0.0.1", 0, create_app(scheduler, tokenizer, max_tokens=args.max_tokens), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scheduler.ready.wait()
+    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {args.slots} slots, prefills of up to {args.prefill_rows}, "
+          f"ready in {time.perf_counter() - t0:.1f} s; {args.max_tokens} tokens per reply, temperature {args.temperature}")
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for clients in map(int, args.clients.split(",")):
+            run_load(url, clients, args.max_tokens, args.temperature)  # untimed: the first requests of a shape
+            for rep in range(args.repeats):
+                figures = run_load(url, clients, args.max_tokens, args.temperature)
+                print(f"{clients:3d} clients: {describe(figures)} | prefills (requests: calls) {dict(sorted(figures['prefill_sizes'].items()))}", flush=True)
+    finally:
+        server.shutdown()
+        scheduler.close()
 
 
 def bench_evals(args):
@@ -409,6 +464,19 @@ p.add_argument("--loop", type=str, default="both", choices=["host", "device", "b
                help="host: Engine.generate (streaming); device: Engine.generate_batch (one lax.while_loop)")
 p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=50, help="the chat default")
+p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 10 decode steps per batch size into DIR, print GPU time by kernel")
+p.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
+
+p = sub.add_parser("serve", help="the chat server under web.loadtest, on random weights")
+p.add_argument("--depth", type=int, default=20)
+p.add_argument("--vocab-size", type=int, default=65536)
+p.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
+p.add_argument("--slots", type=int, default=32, help="web.server --slots")
+p.add_argument("--prefill-rows", type=int, default=8, help="web.server --prefill-rows")
+p.add_argument("--clients", type=str, default="1,64", help="comma-separated client counts, each run on its own")
+p.add_argument("--max-tokens", type=int, default=128)
+p.add_argument("--temperature", type=float, default=0.8)
+p.add_argument("--repeats", type=int, default=3, help="timed runs per client count")
 
 p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")
 p.add_argument("--depth", type=int, default=20)
@@ -438,4 +506,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.what != "data":
         print(f"xla_env: {xla_env.configure()}")  # the launcher's flags, so the figures are the training run's
-    {"train": bench_train, "kernels": bench_kernels, "data": bench_data, "decode": bench_decode, "evals": bench_evals, "rl": bench_rl}[args.what](args)
+    {"train": bench_train, "kernels": bench_kernels, "data": bench_data, "decode": bench_decode, "serve": bench_serve, "evals": bench_evals, "rl": bench_rl}[args.what](args)

@@ -186,7 +186,7 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("cache_len", "mode"))
         self._step = jax.jit(self._step_fn, static_argnames=("window", "mode"), donate_argnums=(2, 3))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0, 1))
-        self._loop = jax.jit(self._loop_fn, static_argnames=("window", "mode"), donate_argnums=(1,))
+        self._loop = jax.jit(self._loop_fn, static_argnames=("window", "mode"), donate_argnums=(1, 2))
 
     def load_weights(self, model):
         """Take model's current weights (RL refreshes them after every update): the same shapes and dtypes
@@ -198,14 +198,20 @@ class Engine:
         leaves, self.treedef = jax.tree_util.tree_flatten_with_path(state)
         is_block_kernel = lambda path: str(getattr(path[0], "key", "")) == "blocks" and any(getattr(k, "key", None) == "kernel" for k in path)
         leaves = [x.T if self.TRANSPOSED and is_block_kernel(path) else x for path, x in leaves]
+        self.n_leaves = len(leaves)
         self.state = None  # free the old weights before placing the new ones
-        self.state = tuple(jax.device_put(leaves, self.device))
+        # after the model's leaves, each layer's c_q, c_k and c_v as one matrix: one product per layer instead of three
+        self.state = tuple(jax.device_put(leaves + model.fused_qkv(model.dtype), self.device))
 
     # --- the jitted pieces; knobs = (temperature, top_k, top_p), each (B,)
 
     def model(self, state):
         """The model over weights in the engine's flat form (traced inside the jitted functions)."""
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, state))
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, state[:self.n_leaves]))
+
+    def decode(self, state, *args, **kwargs):
+        """model.decode over the engine's weights, with its fused QKV matrices."""
+        return self.model(state).decode(*args, transposed=self.TRANSPOSED, qkv=state[self.n_leaves:], **kwargs)
 
     def new_cache(self, batch, length=None):
         """Zero caches of `length` positions (default max_len)."""
@@ -230,7 +236,7 @@ class Engine:
         model = self.model(state)
         n = padded.shape[0]
         k, v = self.new_cache(n, cache_len)
-        h, k, v = model.decode(padded, k, v, jnp.zeros((n,), jnp.int32), window=padded.shape[1], transposed=self.TRANSPOSED)
+        h, k, v = self.decode(state, padded, k, v, jnp.zeros((n,), jnp.int32), window=padded.shape[1])
         N = seeds.shape[0] // n
         logits = jnp.repeat(model.logits(h[jnp.arange(n), lengths - 1]), N, axis=0)  # each row draws its own first token
         first = sample_next(logits, row_keys(seeds, rows, jnp.zeros_like(rows)), *knobs, mode=mode)
@@ -239,7 +245,7 @@ class Engine:
     def _step_fn(self, state, tokens, k, v, pos, seeds, rows, steps, *knobs, window, mode=None):
         """Feed tokens (B,) at positions pos (B,) and sample the next token of every row."""
         model = self.model(state)
-        h, k, v = model.decode(tokens[:, None], k, v, pos, window, transposed=self.TRANSPOSED)
+        h, k, v = self.decode(state, tokens[:, None], k, v, pos, window)
         return sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, steps), *knobs, mode=mode), k, v
 
     def _insert_fn(self, k, v, k_rows, v_rows, slots):
@@ -248,21 +254,22 @@ class Engine:
         put = lambda c, r: c.at[:, slots].set(r, mode="drop")
         return put(k, k_rows), put(v, v_rows)
 
-    def _loop_fn(self, state, c, seeds, rows, *knobs, window, mode=None):
-        """Decode on the device until every row stopped, max_tokens (the width of c["out"]), a row closing a
-        calculator call, which the host must answer, or a row reaching the attention window, which the host
-        then widens. Each iteration takes every live row's pending candidate (or a forced token), records it,
-        and feeds it to sample the next candidate. A row is done at a stop token or once the cache is full
-        (the token that would go past its last position is recorded, never fed); done rows stand still."""
+    def _loop_fn(self, state, k, v, c, seeds, rows, *knobs, window, mode=None):
+        """Decode on the device until every row stopped, c["limit"] steps in all (at most max_tokens, the width
+        of c["out"]), a row closing a calculator call, which the host must answer, or a row reaching the attention
+        window, which the host then widens. Each iteration takes every live row's pending candidate (or a forced
+        token), records it, and feeds it to sample the next candidate. A row is done at a stop token or once the
+        cache is full (the token that would go past its last position is recorded, never fed); done rows stand
+        still. Only the caches k, v are donated: the host may still read the c it passed in after queuing this."""
         model = self.model(state)
-        last = c["k"].shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
+        last = k.shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
         stop_a, stop_b = sorted(self.stop_ids)
 
         def cond(c):
             live = ~c["done"]
             too_far = jnp.any(live & (c["pos"] >= window)) & (window <= last)  # a wider window would serve it
-            return (c["step"] < c["out"].shape[1]) & jnp.any(live) & ~jnp.any(c["call"]) & ~too_far
+            return (c["step"] < jnp.minimum(c["limit"], c["out"].shape[1])) & jnp.any(live) & ~jnp.any(c["call"]) & ~too_far
 
         def body(c):
             s, live = c["step"], ~c["done"]
@@ -271,7 +278,7 @@ class Engine:
             token = jnp.where(is_forced, jnp.take_along_axis(c["forced"], idx[:, None], axis=1)[:, 0], c["candidate"])
             ended = (token == py_end) & c["in_python"] & live
             # a done row, or one past a full cache, rewrites a position nothing will read again
-            h, k, v = model.decode(token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], last), window, transposed=self.TRANSPOSED)
+            h, k, v = self.decode(state, token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], last), window)
             candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, jnp.full_like(rows, s + 1)), *knobs, mode=mode)
             n = c["n_out"]
             out = c["out"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, token, c["out"][jnp.arange(n.shape[0]), n]))
@@ -281,7 +288,8 @@ class Engine:
                         done=c["done"] | (live & ((token == stop_a) | (token == stop_b) | (c["pos"] > last))), call=ended,
                         in_python=jnp.where(live & (token == py_start), True, c["in_python"] & ~ended))
 
-        return jax.lax.while_loop(cond, body, c)
+        c = jax.lax.while_loop(cond, body, dict(c, k=k, v=v))
+        return c.pop("k"), c.pop("v"), c
 
     # --- generation
 
@@ -329,41 +337,74 @@ class Engine:
         result = calculate(self.tokenizer.decode(expr_tokens))
         return [] if result is None else [self.python[2], *self.tokenizer.encode(result), self.python[3]]
 
+    def _carry(self, first, pos, M, limit=None):
+        """The device loop's state for rows whose first candidates (prefilled) are `first` and whose next
+        positions are pos (R,), with room for M tokens each; it runs `limit` steps per call (default M)."""
+        R = len(pos)
+        zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)
+        return dict(candidate=first, pos=pos, step=np.int32(0), limit=np.int32(limit or M), n_out=zeros,
+                    out=np.zeros((R, M), np.int32), mask=np.zeros((R, M), bool), done=false, call=false, in_python=false,
+                    forced=np.zeros((R, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
+
+    def _answer_calls(self, c):
+        """Answer the calculator calls that stopped the device loop, on the host: each calling row gets its
+        result as forced tokens. Rows that did not call keep whatever forced tokens they have left."""
+        out, n_out, call = np.asarray(c["out"]), np.asarray(c["n_out"]), np.asarray(c["call"])
+        forced, n_forced, n_used = (np.array(c[name]) for name in ("forced", "n_forced", "n_used"))
+        for i in np.flatnonzero(call):
+            before_end = list(out[i, :n_out[i] - 1])  # the call's <|python_end|> is the row's last token
+            start = len(before_end) - 1 - before_end[::-1].index(self.python[0])  # its <|python_start|>
+            extra = self.tool_output(before_end[start + 1:])
+            if len(extra) > self.FORCED:
+                raise RuntimeError(f"calculator output of {len(extra)} tokens exceeds the engine's {self.FORCED}")
+            forced[i, :len(extra)], n_forced[i], n_used[i] = extra, len(extra), 0
+        return dict(c, forced=forced, n_forced=n_forced, n_used=n_used, call=np.zeros_like(call))
+
+    STREAM_CHUNK = 16  # device-loop steps per call when streaming: the host reads a chunk while the next one runs
+
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """Stream (token column, mask column) per step, one entry per sample. mask 0 marks tokens the
         calculator tool forced into the stream. A sample ends at <|assistant_end|> or <|bos|> (still
-        yielded), after max_tokens, or when the cache is full.
-        The host stays one step ahead of the device: before it reads a column it already feeds that column's
-        sampled tokens back, so the device decodes while the host runs the tool state machine and the
-        consumer. When the host forces a token instead (a calculator result), it repeats the step with the
-        column it chose, which overwrites the same cache position; the tokens are the same either way."""
+        yielded), after max_tokens, or when the cache is full; after that its entries repeat its last token.
+        The tokens come from generate_batch's device loop, STREAM_CHUNK steps a call, and the next call is queued
+        before the host reads the last one's tokens, so the device never waits for the host: the same tokens
+        as generate_batch, streamed. The first column is the prefill's own sample, yielded as soon as it exists."""
         P = len(tokens)  # now: the caller may extend its list as tokens arrive
-        max_tokens = max_tokens or self.max_len
-        N = num_samples
-        candidates, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed,
-                                                                 cache_len=self.cache_len(P, max_tokens), static_mode=True)
-        state, done = [Row() for _ in range(N)], [False] * N
+        M, N = max_tokens or self.max_len, num_samples
+        first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed,
+                                                            cache_len=self.cache_len(P, M), static_mode=True)
+        c = self._carry(first, np.full(N, P, np.int32), M)
 
-        def step(column, k, v, i):  # feed `column` at position P + i; returns the candidates of token i + 1
-            pos = P + i
-            # fresh arrays every call: jax may read a numpy buffer after dispatch returns, so never mutate one in place
-            return self._step(self.state, column, k, v, np.full(N, pos, np.int32), seeds, rows, np.full(N, i + 1, np.int32),
-                              *knobs, window=self.bucket(pos + 1), mode=mode)
+        def launch(k, v, c, steps):  # queue the device loop up to `steps` steps in all, over a window that covers them
+            return self._loop(self.state, k, v, dict(c, limit=np.int32(steps)), seeds, rows, *knobs,
+                              window=self.bucket(P + steps), mode=mode)
 
-        for i in range(max_tokens):
-            more = i < max_tokens - 1 and P + i < self.max_len  # P + i == max_len: the cache is full, never overwrite it
-            ahead = more and not any(row.forced for row in state)  # a queued forced token would replace the candidate
-            if ahead:
-                following, k, v = step(candidates, k, v, i)
-            sampled = np.asarray(candidates)  # syncs: the host decides what each row sees next
-            column, masks = map(list, zip(*(self.next_token(row, int(t)) for row, t in zip(state, sampled))))
-            done = [d or t in self.stop_ids for d, t in zip(done, column)]
-            yield column, masks
-            if all(done) or not more:
-                break
-            if not ahead or column != sampled.tolist():
-                following, k, v = step(jax.device_put(np.asarray(column, np.int32), self.device), k, v, i)
-            candidates = following
+        upto = min(self.STREAM_CHUNK, M)  # the steps queued so far
+        k, v, following = launch(k, v, c, upto)
+        column, masks = np.asarray(first).tolist(), [1] * N
+        yield column, masks
+        if M == 1 or all(t in self.stop_ids for t in column):
+            return
+        emitted = 1
+        while True:
+            c = following
+            if upto < M:  # queued before c is read; a no-op if c ended in a calculator call
+                upto = min(upto + self.STREAM_CHUNK, M)
+                k, v, following = launch(k, v, c, upto)
+            host = jax.device_get({name: c[name] for name in ("out", "mask", "n_out", "done", "call", "step")})
+            for j in range(emitted, int(host["step"])):
+                live = host["n_out"] > j  # a finished sample repeats its last token
+                column = [int(t) if ok else prev for t, ok, prev in zip(host["out"][:, j], live, column)]
+                masks = [int(m) if ok else prev for m, ok, prev in zip(host["mask"][:, j], live, masks)]
+                yield column, masks
+            emitted = int(host["step"])
+            if host["done"].all() or emitted >= M:
+                return
+            if host["call"].any():  # answer on the host, then resume where c stopped
+                upto = min(emitted + self.STREAM_CHUNK, M)
+                k, v, following = launch(k, v, self._answer_calls(c), upto)
+            elif following is c:
+                raise RuntimeError(f"the device loop stopped at step {emitted} of {M} with live rows and no call")
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """The finished samples of one prompt (prompt and stop token excluded) and their masks, decoded on the
@@ -398,37 +439,20 @@ class Engine:
         cache_len = self.cache_len(P, M)  # long enough for every row's max_tokens
         first, k, v, seeds, rows, knobs, mode = self._start_many(prompts, N, temperature, top_k, top_p, seed,
                                                                  cache_len=cache_len, static_mode=True, pad_len=P)
-        R = len(prompts) * N
-        pos = np.repeat([len(p) for p in prompts], N).astype(np.int32)
-        zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)
-        c = dict(k=k, v=v, candidate=first, pos=pos, step=np.int32(0), n_out=zeros,
-                 out=np.zeros((R, M), np.int32), mask=np.zeros((R, M), bool), done=false, call=false, in_python=false,
-                 forced=np.zeros((R, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
-        window = self.bucket(int(pos.max()) + 1)  # widened as rows reach it: attention reads what is filled
+        c = self._carry(first, np.repeat([len(p) for p in prompts], N).astype(np.int32), M)
+        window = self.bucket(int(c["pos"].max()) + 1)  # widened as rows reach it: attention reads what is filled
         while True:
-            c = self._loop(self.state, c, seeds, rows, *knobs, window=window, mode=mode)
+            k, v, c = self._loop(self.state, k, v, c, seeds, rows, *knobs, window=window, mode=mode)
             call, done, step = np.asarray(c["call"]), np.asarray(c["done"]), int(c["step"])
             if done.all() or step == M:
                 break
-            live_pos = np.asarray(c["pos"])[~done]
             if not call.any():  # a row reached the window
-                window = self.bucket(int(live_pos.max()) + 1)
+                window = self.bucket(int(np.asarray(c["pos"])[~done].max()) + 1)
                 continue
-            # answer the calculator calls on the host, then resume the device loop where it stopped;
-            # rows that did not call keep whatever forced tokens they have left
-            out, n_out = np.asarray(c["out"]), np.asarray(c["n_out"])
-            forced, n_forced, n_used = (np.array(c[name]) for name in ("forced", "n_forced", "n_used"))
-            for i in np.flatnonzero(call):
-                before_end = list(out[i, :n_out[i] - 1])  # the call's <|python_end|> is the row's last token
-                start = len(before_end) - 1 - before_end[::-1].index(self.python[0])  # its <|python_start|>
-                extra = self.tool_output(before_end[start + 1:])
-                if len(extra) > self.FORCED:
-                    raise RuntimeError(f"calculator output of {len(extra)} tokens exceeds the engine's {self.FORCED}")
-                forced[i, :len(extra)], n_forced[i], n_used[i] = extra, len(extra), 0
-            c = dict(c, forced=forced, n_forced=n_forced, n_used=n_used, call=false)
+            c = self._answer_calls(c)
         out, mask, n_out = np.asarray(c["out"]), np.asarray(c["mask"]), np.asarray(c["n_out"])
         results, masks = [], []
-        for i in range(R):
+        for i in range(len(out)):
             tokens_i = out[i, :n_out[i]].tolist()
             end = next((j for j, t in enumerate(tokens_i) if t in self.stop_ids), len(tokens_i))
             results.append(tokens_i[:end])

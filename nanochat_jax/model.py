@@ -312,9 +312,9 @@ class CausalSelfAttention(nnx.Module):
         self.c_proj = Linear(H * Dh, D, ("heads", "embed"), zeros_init, rngs=rngs, fp8=fp8)
 
     def __call__(self, x, cos, sin, cache=None):
-        """cache: None (training: causal over x), or (k, v, pos, layer, window, transposed): k and v (L, B, S, K, Dh)
+        """cache: None (training: causal over x), or (k, v, pos, layer, window, transposed, qkv): k and v (L, B, S, K, Dh)
         hold each row's first pos[b] tokens; x is written at pos[b].. of this layer and attends to everything
-        up to itself, which must lie within the first `window` positions. transposed: the kernels hold W.T
+        up to itself, which must lie within the first `window` positions. transposed, qkv: how the kernels are held
         (see GPT.decode)."""
         B, T, _ = x.shape
         if cache is not None:
@@ -336,16 +336,21 @@ class CausalSelfAttention(nnx.Module):
     def _cached(self, x, cos, sin, cache):
         """The KV-cache path of __call__."""
         B, T, _ = x.shape
-        k_cache, v_cache, pos, layer, window, transposed = cache  # caches (L, B, S, K, Dh) for all layers, updated in place
-        q = dense(self.c_q, x, transposed).reshape(B, T, self.n_head, self.head_dim)  # (B, T, H, Dh)
-        k = dense(self.c_k, x, transposed).reshape(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, Dh)
-        v = dense(self.c_v, x, transposed).reshape(B, T, self.n_kv_head, self.head_dim)
+        k_cache, v_cache, pos, layer, window, transposed, qkv = cache  # caches (L, R, S, K, Dh) for all layers, updated in place
+        H, K, Dh = self.n_head, self.n_kv_head, self.head_dim
+        if qkv is None:
+            q, k, v = (dense(lin, x, transposed) for lin in (self.c_q, self.c_k, self.c_v))
+        else:  # c_q, c_k and c_v's kernels as one transposed matrix: one product reads all three
+            q, k, v = jnp.split(jnp.einsum("...i,oi->...o", x, qkv.astype(x.dtype)), [H * Dh, (H + K) * Dh], axis=-1)
+        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
-        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, p, 0, 0)),
-                         in_axes=(1, 0, 0), out_axes=1)
-        k_cache, v_cache = write(k_cache, k, pos), write(v_cache, v, pos)  # row b's tokens land at pos[b]..
+        # x is rows 0..B-1 of the cache's R >= B (the scheduler decodes only the rows in use); row b's tokens land
+        # at pos[b].. (one scatter, in place: what a vmapped dynamic_update_slice becomes)
+        where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
+        write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
         # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
-        keys, values = k_cache[layer, :, :window].astype(q.dtype), v_cache[layer, :, :window].astype(q.dtype)  # (B, W, K, Dh)
+        keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
         # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
         mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
         y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
@@ -459,21 +464,30 @@ class GPT(nnx.Module):
             x = nnx.remat(lambda blk, x: blk(x, cos, sin)[0])(block, x) if self.remat else block(x, cos, sin)[0]
         return norm(x)
 
-    def decode(self, idx, k_cache, v_cache, pos, window=None, transposed=False):
-        """Run idx (B, T) at positions pos[b].. against KV caches (L, B, S, K, Dh); returns the final normed
-        hidden states (B, T, D) and the updated caches. One path for prefill (T > 1) and decoding (T = 1).
+    def decode(self, idx, k_cache, v_cache, pos, window=None, transposed=False, qkv=None):
+        """Run idx (B, T) at positions pos[b].. against KV caches (L, R, S, K, Dh), whose first B rows are idx's
+        (R >= B), with pos[b] + T <= S; returns the final normed hidden states (B, T, D) and the updated caches.
+        One path for prefill (T > 1) and decoding (T = 1).
         window (static): attend over the first `window` cache positions, which must cover pos[b] + T.
-        transposed (static): the blocks' Linear kernels hold W.T, (d_out, d_in), as the Engine keeps them."""
+        transposed (static): the blocks' Linear kernels hold W.T, (d_out, d_in), as the Engine keeps them.
+        qkv: one array per layer, that layer's c_q, c_k and c_v kernels transposed and stacked ((H + 2K) Dh, D), used
+        instead of the three (fused_qkv makes them)."""
         B, T = idx.shape
         window = window or k_cache.shape[2]
         cos, sin = rotary_tables(pos[:, None] + jnp.arange(T)[None, :], self.config.head_dim)  # (B, T, Dh/2), offset per row
         x = norm(self.wte.embedding[...][idx].astype(self.dtype))
         for i, block in enumerate(self.blocks):  # Block.__call__, with the kernels as they are held
-            y, (k_cache, v_cache) = block.attn(norm(x), cos, sin, (k_cache, v_cache, pos, i, window, transposed))
+            fused = None if qkv is None else qkv[i]
+            y, (k_cache, v_cache) = block.attn(norm(x), cos, sin, (k_cache, v_cache, pos, i, window, transposed, fused))
             x = x + y
             h = jnp.square(jax.nn.relu(dense(block.mlp.c_fc, norm(x), transposed)))  # MLP.__call__
             x = constrain(x + dense(block.mlp.c_proj, h, transposed), "batch", None, None)
         return norm(x), k_cache, v_cache
+
+    def fused_qkv(self, dtype):
+        """decode's qkv: per layer, [c_q; c_k; c_v] transposed, ((H + 2K) Dh, D), in dtype."""
+        return [jnp.concatenate([lin.kernel[...].T for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v)]).astype(dtype)
+                for b in self.blocks]
 
     def features_shared_prefix(self, prefix, prefix_len, suffix, suffix_pos, suffix_seg, scan_layers=False):
         """Final normed hidden states of several sequences per row that share a prefix, with the prefix run

@@ -3,7 +3,11 @@ Continuous batching for the chat server. One thread owns the engine and a KV cac
 requests from any number of threads queue up, are prefilled into free rows between decode steps (those
 that wait together as the rows of one prefill), and leave their row as soon as they finish or their
 client goes away. Every step decodes all active rows together, so concurrent chats share the weight
-reads instead of each holding a model.
+reads instead of each holding a model; it runs only the first rows that cover the busy ones (a power of
+four), so a lone chat does not pay for 32 rows of cache. Steps are pipelined: the next one is queued with
+the tokens the last one sampled, still on the device, before the host reads them, so the device keeps
+decoding while the host streams; the host redoes a step only when it changes a row's token (a calculator
+result) or admits new rows.
 
     scheduler = Scheduler(engine, slots=32)
     request = scheduler.submit(prompt_ids, max_tokens=256, temperature=0.8, top_k=50)
@@ -16,6 +20,7 @@ import threading
 import time
 from collections import Counter
 
+import jax
 import numpy as np
 
 from nanochat_jax.engine import Row
@@ -60,6 +65,7 @@ class Scheduler:
         self.active = [None] * slots  # per row: (request, tool state) or None
         self.pos = np.zeros(slots, np.int32)  # where each row's next token goes in the cache
         self.candidates = np.zeros(slots, np.int32)  # each row's sampled, not yet emitted token
+        self.pending = None  # the step in flight: (its sampled tokens on the device, the rows it decoded)
         self.waiting = queue.Queue()
         self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, batch_sizes=Counter(),
                           prefill_sizes=Counter())
@@ -106,7 +112,17 @@ class Scheduler:
             for rows in self._group_sizes():
                 dummy = Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
                 self._prefill([dummy] * rows, slots=[self.slots] * rows)
-            _, self.k, self.v = self.engine._step(self.engine.state, zeros, self.k, self.v, zeros, zeros, zeros, zeros, *knobs, window=size)
+            for n in self._step_rows():
+                tokens = jax.device_put(zeros[:n], self.engine.device)  # as _dispatch passes them
+                _, self.k, self.v = self.engine._step(self.engine.state, tokens, self.k, self.v, zeros[:n], zeros[:n], zeros[:n],
+                                                      zeros[:n], *(x[:n] for x in knobs), window=size)
+
+    def _step_rows(self):
+        """The row counts a decode step runs: powers of four below slots, and slots."""
+        counts = [1]
+        while counts[-1] * 4 < self.slots:
+            counts.append(counts[-1] * 4)
+        return counts + [self.slots] if self.slots > 1 else counts
 
     def _group_sizes(self):
         """The row counts a prefill is padded to: powers of two up to prefill_rows."""
@@ -120,22 +136,23 @@ class Scheduler:
         self.ready.set()
         while not self._stop.is_set():
             try:
-                self._admit()
+                admitted = self._admit()
                 if not any(self.active):
+                    self.pending = None  # rows that all finished leave nothing to read
                     continue
-                self._emit()
-                if any(self.active):
-                    self._decode()
+                self._advance(admitted)
             except Exception as e:  # never let one bad step kill the server: fail the rows in flight
                 for i, entry in enumerate(self.active):
                     if entry is not None:
                         entry[0].error = f"{type(e).__name__}: {e}"
                         self._finish(i, None, "failed")
+                self.pending = None
                 self.k, self.v = self.engine.new_cache(self.slots)  # a failed step may have consumed the donated cache
 
     def _admit(self):
         """Prefill waiting requests into free rows, up to prefill_rows of them per call; block briefly when
-        there is nothing to do."""
+        there is nothing to do. Returns the rows it filled."""
+        admitted = set()
         while None in self.active:
             group, free = [], self.active.count(None)
             while len(group) < min(free, self.prefill_rows):
@@ -148,14 +165,16 @@ class Scheduler:
                 else:
                     group.append(request)
             if not group:
-                return
+                return admitted
             slots = [i for i, entry in enumerate(self.active) if entry is None][:len(group)]
+            admitted.update(slots)
             for request, slot in zip(group, slots):
                 self.active[slot] = (request, Row())  # first: should the prefill fail, _run fails these rows too
             self._prefill(group, slots)
             self.stats["requests"] += len(group)
             with self.stats_lock:
                 self.stats["prefill_sizes"][len(group)] += 1
+        return admitted
 
     def _prefill(self, group, slots):
         """Prefill the group's prompts as the rows of one call, padded to the next group size (padding rows
@@ -199,22 +218,56 @@ class Scheduler:
             if request.generated >= request.max_tokens or self.pos[i] >= self.engine.max_len:
                 self._finish(i, "length", "completed")  # max_tokens, or the cache is full
 
-    def _decode(self):
-        """One step for every row at once; free rows decode a dummy token that is never read."""
+    def _advance(self, admitted):
+        """Emit every busy row's token and leave the step that feeds them in flight. With a step already in flight
+        and nothing to change, the next one is queued first with its sampled tokens as they lie on the device, then
+        those are read; it stands if every row emits what it sampled, else a step with the emitted tokens (a
+        calculator result, rows just admitted) replaces it, rewriting the same cache positions."""
+        ahead = None
+        if self.pending is not None and not admitted and not any(entry[1].forced for entry in self.active if entry):
+            ahead = self._dispatch(self.pending[0], ahead=True)
+        if self.pending is not None:
+            sampled, fed = np.asarray(self.pending[0]), self.pending[1]
+            for i in np.flatnonzero(fed):
+                if i not in admitted:  # a row admitted since holds its prefill's sample
+                    self.candidates[i] = sampled[i]
+        sampled = self.candidates.copy()
+        self._emit()
         busy = np.array([entry is not None for entry in self.active])
-        knobs = np.array([entry[0].knobs if entry else (0.0, 0, 1.0) for entry in self.active], np.float64)
-        seeds = np.array([entry[0].seed if entry else 0 for entry in self.active], np.int32)
-        steps = np.array([entry[0].generated if entry else 0 for entry in self.active], np.int32)
-        pos = np.where(busy, self.pos, 0).astype(np.int32)  # fresh arrays: jax may read them after dispatch
+        if not busy.any():
+            self.pending = None
+        elif ahead is not None and (self.candidates[busy] == sampled[busy]).all():
+            self.pending = ahead
+        else:
+            self.pending = self._dispatch(jax.device_put(self.candidates[:self._rows(busy)], self.engine.device))
+        if self.pending is not None:
+            self.pos = self.pos + self.pending[1]
+            with self.stats_lock:
+                self.stats["steps"] += 1
+                self.stats["batch_sizes"][int(self.pending[1].sum())] += 1
+
+    def _rows(self, busy):
+        """The rows a step decodes: the fewest of _step_rows that cover every busy row."""
+        return next(n for n in self._step_rows() if n > np.flatnonzero(busy).max())
+
+    def _dispatch(self, tokens, ahead=False):
+        """Queue one step that feeds tokens (n,) to the first n rows (the busy ones among them at their positions;
+        free rows decode a dummy that is never read). ahead: queued before this round's tokens are emitted, so
+        each row's token count is one more than it is now. Returns (sampled tokens on the device, rows fed)."""
+        busy = np.array([entry is not None for entry in self.active])
+        n = self._rows(busy)
+        if tokens.shape[0] != n:
+            return None
+        busy[n:] = False
+        knobs = np.array([entry[0].knobs if entry else (0.0, 0, 1.0) for entry in self.active[:n]], np.float64)
+        seeds = np.array([entry[0].seed if entry else 0 for entry in self.active[:n]], np.int32)
+        steps = np.array([entry[0].generated + ahead if entry else 0 for entry in self.active[:n]], np.int32)
+        pos = np.where(busy[:n], self.pos[:n], 0).astype(np.int32)  # fresh arrays: jax may read them after dispatch
         sampled, self.k, self.v = self.engine._step(
-            self.engine.state, np.where(busy, self.candidates, 0).astype(np.int32), self.k, self.v, pos, seeds,
-            np.zeros(self.slots, np.int32), steps, knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32),
-            knobs[:, 2].astype(np.float32), window=self.engine.bucket(int(pos.max()) + 1))
-        self.candidates = np.array(sampled)
-        self.pos = self.pos + busy
-        with self.stats_lock:
-            self.stats["steps"] += 1
-            self.stats["batch_sizes"][int(busy.sum())] += 1
+            self.engine.state, tokens, self.k, self.v, pos, seeds, np.zeros(n, np.int32), steps,
+            knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32),
+            window=self.engine.bucket(int(pos.max()) + 1))
+        return sampled, busy
 
     def _finish(self, slot, reason, outcome):
         self._close(self.active[slot][0], reason)

@@ -8,6 +8,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.scheduler import Scheduler
 from nanochat_jax.tokenizer import Tokenizer
+from test_engine import TOOL_PROMPT, TOOL_REPLY, tool_engine  # noqa: F401 (a fixture: the model that calls the calculator)
 
 BYTES = Tokenizer([bytes([b]) for b in range(256)])
 CONFIG = GPTConfig(sequence_len=64, vocab_size=320, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
@@ -55,6 +56,33 @@ def test_a_burst_is_prefilled_in_batches_with_each_request_still_its_solo_tokens
         scheduler.close()
     with pytest.raises(ValueError, match="power of two"):
         Scheduler(engine, prefill_rows=3)
+
+
+def test_a_lone_request_decodes_one_row_and_pipelined_steps_give_its_solo_tokens(engine):
+    """With one chat in 8 slots each step runs only the first row (the fewest of 1, 4, 8 rows that cover the busy
+    ones), and steps queued ahead of the host give exactly the tokens of generate()."""
+    scheduler = Scheduler(engine, slots=8)
+    try:
+        assert scheduler._step_rows() == [1, 4, 8]
+        assert list(scheduler.submit(PROMPTS[2], max_tokens=30, temperature=0.9, seed=11)) == alone(engine, PROMPTS[2], 30, temperature=0.9, seed=11)
+        assert set(scheduler.snapshot()["batch_sizes"]) == {"1"}
+    finally:
+        scheduler.close()
+
+
+def test_a_calculator_result_replaces_the_step_queued_ahead(tool_engine):
+    """The step queued with the sampled tokens is redone when the calculator forces its result instead; beside
+    another chat the tool call gets the same reply as generate() gives it alone."""
+    scheduler = Scheduler(tool_engine, slots=4)
+    try:
+        expected = [column[0] for column, _ in tool_engine.generate(TOOL_PROMPT, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0)]
+        expected = [t for t in expected if t not in tool_engine.stop_ids]
+        other = scheduler.submit(PROMPTS[0], max_tokens=20, temperature=1.0, seed=3)
+        call = scheduler.submit(TOOL_PROMPT, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0)
+        assert list(call) == expected and b"42" in bytes(t for t in expected if t < 256)
+        assert list(other) == alone(tool_engine, PROMPTS[0], 20, temperature=1.0, seed=3)
+    finally:
+        scheduler.close()
 
 
 def test_cancel_frees_the_row_and_full_context_stops(engine):
