@@ -248,14 +248,16 @@ def bench_data(args):
 def bench_decode(args):
     """Time to first token, per-step latency, tokens/s and MBU of the KV-cache engine (random weights),
     sampling at temperature 1 with top-k 50 (the chat default).
-    host: Engine.generate, the streaming host loop; each yield has synced on its column, so the step is the
-          median gap between yields and TTFT the time to the first yield (prefill and first sample).
+    host: Engine.generate, streaming: TTFT is the time to the first yield (prefill and first sample), the step
+          the time from the first yield to the last over the tokens between (yields come a device-loop chunk at a time).
     device: Engine.generate_batch, the whole decode in one lax.while_loop; only the total is observable, so
           the step is (total - prefill) / steps, both medians, with the prefill (Engine._start) timed on its own."""
     from flax import nnx
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax import kernels
+    kernels.DECODE_ATTENTION = args.decode_kernel
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
@@ -288,7 +290,7 @@ def bench_decode(args):
                     stamps.append(time.perf_counter())  # each yield has synced on its tokens
                 if rep == 0:
                     compile_s = time.perf_counter() - t_compile
-            ttft, step = stamps[0] - t0, statistics.median(np.diff(stamps))
+            ttft, step = stamps[0] - t0, (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # tokens come a chunk at a time
             report("host", B, ttft, step, f" | {len(stamps)} tokens/row, first pass (compiles) {compile_s:.1f}s")
         if "device" in loops:
             t0 = time.perf_counter()
@@ -317,6 +319,10 @@ def bench_decode(args):
                                                          window=engine.bucket(len(prompt) + 1), mode=mode)
                 return token
             print_profile(one_step, os.path.join(args.profile, f"batch{B}"), n=10, top=args.profile_top)
+            hlo = engine._step.lower(engine.state, first, *cache, pos, seeds, rows, pos, *knobs, window=engine.bucket(len(prompt) + 1),
+                                     mode=mode).compile().as_text()
+            with open(os.path.join(args.profile, f"step_batch{B}.hlo.txt"), "w") as f:  # names the profile's fusions
+                f.write(hlo)
 
 
 def bench_serve(args):
@@ -338,7 +344,7 @@ def bench_serve(args):
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     tokenizer = Tokenizer.placeholder(args.vocab_size)
     t0 = time.perf_counter()
-    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=True, prefill_rows=args.prefill_rows)
+    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=args.warmup, prefill_rows=args.prefill_rows)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = make_server("127.0.0.1", 0, create_app(scheduler, tokenizer, max_tokens=args.max_tokens), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -466,6 +472,7 @@ p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=50, help="the chat default")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 10 decode steps per batch size into DIR, print GPU time by kernel")
 p.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
+p.add_argument("--decode-kernel", action="store_true", help="attention over the cache by kernels.decode_attention (NVIDIA GPUs)")
 
 p = sub.add_parser("serve", help="the chat server under web.loadtest, on random weights")
 p.add_argument("--depth", type=int, default=20)
@@ -477,6 +484,8 @@ p.add_argument("--clients", type=str, default="1,64", help="comma-separated clie
 p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--temperature", type=float, default=0.8)
 p.add_argument("--repeats", type=int, default=3, help="timed runs per client count")
+p.add_argument("--warmup", action="store_true", help="compile every shape first, as web.server does (minutes at d20); without it "
+               "the untimed run before each client count compiles the shapes it meets")
 
 p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")
 p.add_argument("--depth", type=int, default=20)

@@ -1,6 +1,7 @@
 """
-Pallas kernels for the train step's memory-bound work, the passes XLA leaves between the cuBLAS GEMMs
-(base_train --kernels, bench train --kernels). Each is a custom_vjp whose plain-JAX twin is the fallback:
+Pallas kernels for the memory-bound work XLA leaves between the cuBLAS GEMMs: in the train step (base_train
+--kernels, bench train --kernels) and in the KV-cache engine's decoding. The train step's are custom_vjps whose
+plain-JAX twin is the fallback:
 
 - xent_chunk: the softcapped cross-entropy of one chunk of lm_head outputs z (C, V), its per-token loss and
   its gradient dz in one kernel. The fp32 logits live in registers only: z is read twice (the row's max and
@@ -10,11 +11,17 @@ Pallas kernels for the train step's memory-bound work, the passes XLA leaves bet
   output and its ReLU² are never written; only y is.
 - rope_qk_norm: RoPE then RMSNorm over each head, q and k in one pass each way.
 
+Decoding (inference only, no gradient):
+
+- decode_attention: one new query per row against one layer's KV cache, the filled positions only, in one
+  kernel per layer instead of XLA's dot, mask and softmax passes and second dot.
+
 The kernels lower through Triton on NVIDIA GPUs. `mode()` says how they run here: "triton", or None where
 they cannot (CPU, other backends), and then the model keeps its plain path. Tests run the same kernels in
 Pallas's interpreter (interpret=True, or NANOCHAT_JAX_PALLAS_INTERPRET=1 for the model) against the plain path,
 values and gradients.
 """
+import math
 import os
 from functools import partial
 
@@ -301,3 +308,74 @@ def _rope_qk_norm_bwd(interpret, rows, residuals, g):
 
 
 rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
+
+
+# -----------------------------------------------------------------------------
+# Decode attention
+
+def decode_attention_reference(q, k_cache, v_cache, layer, pos, window):
+    """Plain JAX, the model's KV-cache path for one new token per row: q (B, H, Dh) of row b's token at pos[b]
+    attends over keys 0..pos[b] of cache `layer` (caches (L, B, S, K, Dh); GQA: head h reads kv head h // (H // K)),
+    read through the first `window` positions. Returns (B, H, Dh) in q's dtype."""
+    q, T = q[:, None], 1  # (B, T, H, Dh)
+    keys, values = k_cache[layer, :, :window].astype(q.dtype), v_cache[layer, :, :window].astype(q.dtype)  # (B, W, K, Dh)
+    mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")[:, 0]
+
+
+def _decode_attention_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, layer, window, block):
+    """One row b and kv head j. Every ref is the whole array (q and o (B, H, Dh), the caches (L, B, S, K, Dh),
+    pos (B,)): the program reads its own part. Keys 0..pos[b] of `layer` stream through an online softmax a
+    block at a time, each block loaded once for the group's query heads, which go one at a time (the group is
+    often 1, so no tensor-core dot: scores and output are multiplies and sums)."""
+    b, j = pl.program_id(0), pl.program_id(1)
+    group, Dh = q_ref.shape[1] // k_ref.shape[3], q_ref.shape[2]
+    heads = [j * group + g for g in range(group)]
+    n = jnp.minimum(pos_ref[b] + 1, window)  # keys this row sees: the reference's mask, also for a pos past the window
+    layer = jnp.int32(layer)  # an array index: the interpreter's masked load takes no Python int beside traced ones
+    qs = [q_ref[b, h, :].astype(jnp.float32) * (1.0 / math.sqrt(Dh)) for h in heads]
+
+    def body(i, carry):
+        valid = i * block + jnp.arange(block) < n
+
+        def load(ref):  # (block, Dh); the tail past pos[b] reads as 0 whatever the cache holds there
+            x = plgpu.load(ref.at[layer, b, pl.ds(i * block, block), j, :], mask=valid[:, None], other=0)
+            return x.astype(q_ref.dtype).astype(jnp.float32)  # rounded to q's dtype first, as the reference does
+        k, v = load(k_ref), load(v_ref)
+        out = []
+        for q, (m, l, acc) in zip(qs, carry):
+            s = jnp.where(valid, jnp.sum(k * q[None, :], axis=1), -jnp.inf)  # (block,)
+            m_new = jnp.maximum(m, jnp.max(s))  # finite from the first block on: it holds key 0
+            alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
+            out.append((m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
+        return tuple(out)
+
+    init = tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((Dh,), jnp.float32)) for _ in heads)
+    carry = lax.fori_loop(0, pl.cdiv(n, block), body, init)  # the filled blocks only: the cost follows pos[b]
+    for h, (m, l, acc) in zip(heads, carry):
+        o_ref[b, h, :] = (acc / l).astype(o_ref.dtype)
+
+
+DECODE_BLOCK = 64  # keys per loop step, at most the window
+DECODE_ATTENTION = False  # the KV-cache path uses decode_attention where it runs (bench decode --decode-kernel); off until measured
+
+
+def decode_attention_supported(Dh, window, block=DECODE_BLOCK):
+    """Triton loads powers of 2: a head (Dh,) and a block of keys (block, Dh), blocks tiling the window."""
+    block = min(block, window)
+    return Dh & (Dh - 1) == 0 and block & (block - 1) == 0 and window % block == 0
+
+
+def decode_attention(q, k_cache, v_cache, layer, pos, window, interpret=False, block=DECODE_BLOCK):
+    """decode_attention_reference in one kernel, one program per (row, kv head): B * K programs, each reading its
+    kv head of `layer` straight from the full caches (L, B, S, K, Dh), positions 0..pos[b] only, fp32 inside,
+    and writing its H // K query heads of the (B, H, Dh) output in q's dtype. layer and window are static."""
+    B, H, Dh = q.shape
+    K = k_cache.shape[3]
+    block = min(block, window)
+    # no BlockSpecs: every input is passed whole, so XLA copies no slice of the caches before the call
+    return pl.pallas_call(
+        partial(_decode_attention_kernel, layer=layer, window=window, block=block),
+        out_shape=jax.ShapeDtypeStruct((B, H, Dh), q.dtype), grid=(B, K),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name="decode_attention")(q, k_cache, v_cache, pos.astype(jnp.int32))

@@ -79,6 +79,22 @@ def test_device_loop_equals_host_loop(engine):
         assert all(m == [1] * len(r) for r, m in zip(results, masks))
 
 
+def test_decode_attention_kernel_gives_the_same_tokens(model, engine, monkeypatch):
+    """With kernels.decode_attention over the cache (here in Pallas's interpreter, on a GPU as Triton) the engine
+    decodes the tokens of XLA's attention, greedy and sampled, prompts of different lengths in one batch."""
+    from nanochat_jax import kernels
+    prompts = [PROMPT, PROMPT[:3], [256, *b"What is the capital of France?"]]
+    kwargs = [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)]
+    expected = [engine.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs]
+    monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION", True)
+    with_kernel = Engine(model, BYTES)  # a fresh engine: its jitted steps trace the kernel
+    jaxpr = str(jax.make_jaxpr(lambda s, k, v: with_kernel.decode(s, jnp.zeros((2, 1), jnp.int32), k, v, jnp.array([3, 9]), 16))(
+        with_kernel.state, *with_kernel.new_cache(2)))
+    assert "decode_attention" in jaxpr
+    assert [with_kernel.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs] == expected
+
+
 def test_seeded_sampling_is_reproducible_and_samples_differ(engine):
     """Same seed, same samples; and each of 8 samples draws its own first token (nanochat once gave all
     samples the same first token: the prefill logits must be sampled per row)."""

@@ -19,6 +19,15 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+def lower_for_cuda(f, *args):
+    """f's StableHLO for CUDA, lowered here without a GPU: Pallas's Triton lowering of every kernel in it runs."""
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_calls(f, *args):
+    return lower_for_cuda(f, *args).count("xla.gpu.triton")
+
+
 def test_parse_names_the_kernels():
     assert kernels.parse("all") == kernels.NAMES
     assert kernels.parse("") == ()
@@ -105,9 +114,6 @@ def test_every_kernel_lowers_to_triton_for_cuda():
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
     S = jax.ShapeDtypeStruct
-
-    def triton_calls(f, *args):
-        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton")
     q, cs = S((256, 10, 128), jnp.bfloat16), S((256, 64), jnp.bfloat16)
     for rows in (None, 16):
         rope_grad = jax.grad(lambda q, c, s: kernels.rope_qk_norm(q, c, s, False, rows).astype(jnp.float32).sum())
@@ -121,6 +127,68 @@ def test_every_kernel_lowers_to_triton_for_cuda():
     bad = pl.pallas_call(not_a_power_of_2, out_shape=S((10,), jnp.float32), compiler_params=plgpu.CompilerParams())
     with pytest.raises(ValueError, match="power of 2"):
         triton_calls(bad, S((10,), jnp.float32))
+
+
+def random_caches(key, L, B, S, K, Dh, dtype):
+    k = jax.random.split(key, 2)
+    return tuple(jax.random.normal(k[i], (L, B, S, K, Dh)).astype(dtype) for i in range(2))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("H, K", [(4, 2), (3, 3), (6, 2)])  # GQA, one query head per kv head (d20), groups of 3
+def test_decode_attention_matches_the_model_cache_path(dtype, H, K):
+    """Rows at different positions of layer 1 of the caches, through a window of 32 with blocks of 16: the first
+    position, the end of a block and the start of the next, the window's last position, and a row past the window
+    (which reads the whole window, as the reference's mask has it)."""
+    L, S, Dh, window, layer = 3, 64, 32, 32, 1
+    pos = jnp.array([0, 15, 16, 31, 40])
+    k_cache, v_cache = random_caches(jax.random.key(7), L, len(pos), S, K, Dh, dtype)
+    q = jax.random.normal(jax.random.key(8), (len(pos), H, Dh)).astype(dtype)
+    got = kernels.decode_attention(q, k_cache, v_cache, layer, pos, window, interpret=INTERPRET, block=16)
+    with jax.default_matmul_precision("float32"):  # no TF32 in the reference on a GPU
+        want = kernels.decode_attention_reference(q, k_cache, v_cache, layer, pos, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_err(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)  # bf16: the reference rounds its probabilities
+
+
+def test_decode_attention_reads_only_its_layer_up_to_pos():
+    """Garbage in the positions past each row's pos and in the other layers changes nothing."""
+    L, B, S, K, H, Dh, window, layer = 3, 3, 64, 2, 4, 32, 64, 2
+    pos = jnp.array([0, 20, 47])
+    k_cache, v_cache = random_caches(jax.random.key(9), L, B, S, K, Dh, jnp.float32)
+    q = jax.random.normal(jax.random.key(10), (B, H, Dh))
+    filled = (jnp.arange(L)[:, None, None] == layer) & (jnp.arange(S)[None, None, :] <= pos[None, :, None])  # (L, B, S)
+    garbage = lambda c: jnp.where(filled[..., None, None], c, 1e4)
+    attend = lambda k, v: kernels.decode_attention(q, k, v, layer, pos, window, interpret=INTERPRET, block=16)
+    np.testing.assert_array_equal(attend(garbage(k_cache), garbage(v_cache)), attend(k_cache, v_cache))
+
+
+def test_decode_attention_lowers_to_one_triton_call_on_the_whole_caches():
+    """At d20's shapes (20 layers, 10 heads of 128, a 2048-token cache, window 256), batch 1 and 32, and with
+    groups of 5 query heads: one Triton call per layer, and no slice of the caches before it (XLA would copy it)."""
+    S = jax.ShapeDtypeStruct
+    for B, H, K in ((1, 10, 10), (32, 10, 10), (4, 10, 2)):
+        q, cache, pos = S((B, H, 128), jnp.bfloat16), S((20, B, 2048, K, 128), jnp.bfloat16), S((B,), jnp.int32)
+        text = lower_for_cuda(lambda q, k, v, pos: kernels.decode_attention(q, k, v, 7, pos, 256), q, cache, cache, pos)
+        assert text.count("xla.gpu.triton") == 1 and "slice" not in text
+
+
+def test_decode_attention_supported_is_what_triton_lowers():
+    """Heads and blocks of keys must be powers of 2 and the blocks must tile the window; where they are not, the
+    Triton lowering fails, so the model keeps its plain path."""
+    S = jax.ShapeDtypeStruct
+
+    def lowers(Dh, window, block):
+        q, cache, pos = S((2, 4, Dh), jnp.bfloat16), S((2, 2, 512, 2, Dh), jnp.bfloat16), S((2,), jnp.int32)
+        attend = lambda q, k, v, pos: kernels.decode_attention(q, k, v, 1, pos, window, block=block)
+        try:
+            return triton_calls(attend, q, cache, cache, pos) == 1
+        except ValueError as e:
+            assert "power of 2" in str(e)
+            return False
+    # (Dh, window, block): d20's, a window smaller than the block, a head of 96, a block of 48, a window of 24
+    for case in ((128, 256, 64), (64, 16, 64), (96, 256, 64), (128, 256, 48), (128, 24, 64)):
+        assert kernels.decode_attention_supported(*case) == lowers(*case), case
 
 
 def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
