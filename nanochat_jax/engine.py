@@ -260,7 +260,7 @@ class Engine:
         window, which the host then widens. Each iteration takes every live row's pending candidate (or a forced
         token), records it, and feeds it to sample the next candidate. A row is done at a stop token or once the
         cache is full (the token that would go past its last position is recorded, never fed); done rows stand
-        still. Only the caches k, v are donated: the host may still read the c it passed in after queuing this."""
+        still. The caches k, v are donated."""
         model = self.model(state)
         last = k.shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
@@ -360,37 +360,29 @@ class Engine:
             forced[i, :len(extra)], n_forced[i], n_used[i] = extra, len(extra), 0
         return dict(c, forced=forced, n_forced=n_forced, n_used=n_used, call=np.zeros_like(call))
 
-    STREAM_CHUNK = 16  # device-loop steps per call when streaming: the host reads a chunk while the next one runs
+    STREAM_CHUNK = 16  # device-loop steps per call when streaming
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """Stream (token column, mask column) per step, one entry per sample. mask 0 marks tokens the
         calculator tool forced into the stream. A sample ends at <|assistant_end|> or <|bos|> (still
         yielded), after max_tokens, or when the cache is full; after that its entries repeat its last token.
-        The tokens come from generate_batch's device loop, STREAM_CHUNK steps a call, and the next call is queued
-        before the host reads the last one's tokens, so the device never waits for the host: the same tokens
-        as generate_batch, streamed. The first column is the prefill's own sample, yielded as soon as it exists."""
+        The tokens come from generate_batch's device loop, STREAM_CHUNK steps a call, so the same tokens as
+        generate_batch, streamed, without a host round trip per token; the first column is the prefill's own
+        sample, yielded before the loop starts. (Queuing the next chunk before reading the last gains nothing on a
+        GPU: XLA's while loop holds the dispatching thread until it ends, reading its condition every iteration.)"""
         P = len(tokens)  # now: the caller may extend its list as tokens arrive
         M, N = max_tokens or self.max_len, num_samples
         first, k, v, seeds, rows, knobs, mode = self._start(tokens, N, temperature, top_k, top_p, seed,
                                                             cache_len=self.cache_len(P, M), static_mode=True)
-        c = self._carry(first, np.full(N, P, np.int32), M)
-
-        def launch(k, v, c, steps):  # queue the device loop up to `steps` steps in all, over a window that covers them
-            return self._loop(self.state, k, v, dict(c, limit=np.int32(steps)), seeds, rows, *knobs,
-                              window=self.bucket(P + steps), mode=mode)
-
-        upto = min(self.STREAM_CHUNK, M)  # the steps queued so far
-        k, v, following = launch(k, v, c, upto)
         column, masks = np.asarray(first).tolist(), [1] * N
         yield column, masks
         if M == 1 or all(t in self.stop_ids for t in column):
             return
-        emitted = 1
+        c, emitted = self._carry(first, np.full(N, P, np.int32), M), 1
         while True:
-            c = following
-            if upto < M:  # queued before c is read; a no-op if c ended in a calculator call
-                upto = min(upto + self.STREAM_CHUNK, M)
-                k, v, following = launch(k, v, c, upto)
+            upto = min(emitted + self.STREAM_CHUNK, M)  # over a window that covers every position these steps reach
+            k, v, c = self._loop(self.state, k, v, dict(c, limit=np.int32(upto)), seeds, rows, *knobs,
+                                 window=self.bucket(P + upto), mode=mode)
             host = jax.device_get({name: c[name] for name in ("out", "mask", "n_out", "done", "call", "step")})
             for j in range(emitted, int(host["step"])):
                 live = host["n_out"] > j  # a finished sample repeats its last token
@@ -400,11 +392,8 @@ class Engine:
             emitted = int(host["step"])
             if host["done"].all() or emitted >= M:
                 return
-            if host["call"].any():  # answer on the host, then resume where c stopped
-                upto = min(emitted + self.STREAM_CHUNK, M)
-                k, v, following = launch(k, v, self._answer_calls(c), upto)
-            elif following is c:
-                raise RuntimeError(f"the device loop stopped at step {emitted} of {M} with live rows and no call")
+            if host["call"].any():  # answer on the host, then resume where the loop stopped
+                c = self._answer_calls(c)
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=0, top_p=1.0, seed=42):
         """The finished samples of one prompt (prompt and stop token excluded) and their masks, decoded on the

@@ -23,7 +23,7 @@ from collections import Counter
 import jax
 import numpy as np
 
-from nanochat_jax.engine import Row
+from nanochat_jax.engine import Row, sampling_mode
 
 
 class Request:
@@ -52,10 +52,15 @@ class Request:
 
 
 class Scheduler:
-    """warmup=True compiles every prefill and decode shape before the first request is served (the
-    server reports ready=False meanwhile), so no client ever waits for a compile. prefill_rows (a power
-    of two): the most waiting requests prefilled together in one call, so a burst of clients waits for a
-    few batched prefills instead of one prefill after another."""
+    """A step whose sampling rows all take the top-k fast path (sampling_mode 2, the chat defaults; greedy rows
+    may be beside them) compiles that path alone; any other mix picks its path on the device, by a switch whose
+    index XLA reads back before the step returns, so such a step is not queued ahead of the device.
+    warmup=True compiles every prefill and decode shape before the first request is served (the server
+    reports ready=False meanwhile), so no client ever waits for a compile. prefill_rows (a power of two): the
+    most waiting requests prefilled together in one call, so a burst of clients waits for a few batched
+    prefills instead of one prefill after another."""
+
+    STATIC_MODE = 2  # sample_next's path compiled on its own: the top candidates (top-k <= TOP_K_FAST, any temperature)
 
     def __init__(self, engine, slots=32, warmup=False, prefill_rows=8):
         if prefill_rows < 1 or prefill_rows & (prefill_rows - 1):
@@ -108,14 +113,16 @@ class Scheduler:
             n *= 2
         zeros = np.zeros(self.slots, np.int32)
         knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
+        assert sampling_mode(*knobs) == self.STATIC_MODE
         for size in sizes:
             for rows in self._group_sizes():
                 dummy = Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
                 self._prefill([dummy] * rows, slots=[self.slots] * rows)
             for n in self._step_rows():
-                tokens = jax.device_put(zeros[:n], self.engine.device)  # as _dispatch passes them
-                _, self.k, self.v = self.engine._step(self.engine.state, tokens, self.k, self.v, zeros[:n], zeros[:n], zeros[:n],
-                                                      zeros[:n], *(x[:n] for x in knobs), window=size)
+                for mode in (None, self.STATIC_MODE):
+                    tokens = jax.device_put(zeros[:n], self.engine.device)  # as _dispatch passes them
+                    _, self.k, self.v = self.engine._step(self.engine.state, tokens, self.k, self.v, zeros[:n], zeros[:n], zeros[:n],
+                                                          zeros[:n], *(x[:n] for x in knobs), window=size, mode=mode)
 
     def _step_rows(self):
         """The row counts a decode step runs: powers of four below slots, and slots."""
@@ -263,10 +270,11 @@ class Scheduler:
         seeds = np.array([entry[0].seed if entry else 0 for entry in self.active[:n]], np.int32)
         steps = np.array([entry[0].generated + ahead if entry else 0 for entry in self.active[:n]], np.int32)
         pos = np.where(busy[:n], self.pos[:n], 0).astype(np.int32)  # fresh arrays: jax may read them after dispatch
+        knobs = knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32)
+        mode = sampling_mode(*knobs)
         sampled, self.k, self.v = self.engine._step(
-            self.engine.state, tokens, self.k, self.v, pos, seeds, np.zeros(n, np.int32), steps,
-            knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32),
-            window=self.engine.bucket(int(pos.max()) + 1))
+            self.engine.state, tokens, self.k, self.v, pos, seeds, np.zeros(n, np.int32), steps, *knobs,
+            window=self.engine.bucket(int(pos.max()) + 1), mode=mode if mode == self.STATIC_MODE else None)
         return sampled, busy
 
     def _finish(self, slot, reason, outcome):
