@@ -3,9 +3,10 @@ Generation.
 - greedy_naive: the reference, recomputing the full forward pass at every step (no cache)
 - Engine: prefill once, then decode over a preallocated KV cache with per-row positions, sampling
   (temperature, top-k, top-p, seeded), and nanochat's calculator tool forced into the stream.
-  generate() streams from a host loop; generate_batch() runs the loop on the device (lax.while_loop)
-  and returns to the host only when a row calls the calculator. Both give the same tokens.
-The chat server's continuous batching (nanochat_jax.scheduler) drives the same prefill/insert/step.
+  generate_batch() runs the decode loop on the device (lax.while_loop) and returns to the host only when a
+  row calls the calculator; generate() streams the same loop's tokens a chunk of steps at a time.
+The chat server's continuous batching (nanochat_jax.scheduler) drives prefill/insert/step, a host round per
+step, and gives each request the same tokens.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ class Engine:
     cache (L, B, S, K, Dh). Prompt lengths and attention spans are bucketed to powers of two, so few
     shapes compile; the cache is donated to each step, so it is updated in place. The weights are kept
     as a flat tuple of arrays (self.state): a jitted call flattens its arguments every time, and an
-    nnx.State of ~120 leaves took milliseconds to pass where a tuple takes tens of microseconds."""
+    nnx.State of ~120 leaves took milliseconds to pass where a tuple takes tens of microseconds. After the
+    model's leaves come each layer's c_q, c_k and c_v as one matrix (model.fused_qkv), which decoding reads."""
 
     FORCED = 64  # room for one calculator result on the device loop (results are at most ~25 characters)
     TRANSPOSED = True  # hold the blocks' Linear kernels as W.T (model.dense says why)

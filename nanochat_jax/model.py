@@ -349,14 +349,14 @@ class CausalSelfAttention(nnx.Module):
         where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
         write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
         k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-        # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
-        keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
-        # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
-        mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
         mode = kernel_mode(pallas.DECODE_ATTENTION and T == 1 and pallas.decode_attention_supported(Dh, window))
         if mode:  # one kernel per layer instead of XLA's products and softmax passes
             y = pallas.decode_attention(q[:, 0], k_cache, v_cache, layer, pos, window, mode == "interpret")[:, None]
         else:
+            # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
+            keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
+            # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
+            mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
             y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
         return dense(self.c_proj, y.reshape(B, T, self.n_head * self.head_dim), transposed), (k_cache, v_cache)
 

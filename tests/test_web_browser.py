@@ -87,8 +87,9 @@ def test_chat_streams_a_reply(browser, web_server):
     box = open_page(browser, web_server)
     # Record the reply's text length at every DOM change: a reply rendered token by token
     # shows partial text, one delivered in a single piece (a buffering server) does not. Also count
-    # the network reads that carried tokens: mutations within one task reach the observer together,
-    # so when a slow browser finds the whole reply in one read, the page had no partial state to show.
+    # the network reads that carried tokens, and hand each to the page a task later: mutations within
+    # one task reach the observer together, so reads that a busy browser found already buffered would
+    # otherwise be rendered in one task, leaving no partial state to observe.
     browser.execute_script(
         """window.__seen = []; window.__token_reads = 0;
            new MutationObserver(() => {
@@ -100,7 +101,7 @@ def test_chat_streams_a_reply(browser, web_server):
            ReadableStreamDefaultReader.prototype.read = function () {
              return read.call(this).then(r => {
                if (r.value && new TextDecoder().decode(r.value).includes('"token"')) window.__token_reads++;
-               return r;
+               return new Promise(resolve => setTimeout(() => resolve(r), 0));
              });
            };"""
     )
