@@ -313,14 +313,14 @@ def bench_decode(args):
                                                                   cache_len=cache_len, static_mode=True)
             pos = np.full(B, len(prompt), np.int32)
             cache = [k, v]
+            step_args = lambda: (engine.state, first, *cache, pos, seeds, rows, pos, *knobs)  # pos doubles as the token index
+            static = dict(window=engine.bucket(len(prompt) + 1), mode=mode)
 
             def one_step():
-                token, cache[0], cache[1] = engine._step(engine.state, first, *cache, pos, seeds, rows, pos, *knobs,
-                                                         window=engine.bucket(len(prompt) + 1), mode=mode)
+                token, cache[0], cache[1] = engine._step(*step_args(), **static)
                 return token
             print_profile(one_step, os.path.join(args.profile, f"batch{B}"), n=10, top=args.profile_top)
-            hlo = engine._step.lower(engine.state, first, *cache, pos, seeds, rows, pos, *knobs, window=engine.bucket(len(prompt) + 1),
-                                     mode=mode).compile().as_text()
+            hlo = engine._step.lower(*step_args(), **static).compile().as_text()
             with open(os.path.join(args.profile, f"step_batch{B}.hlo.txt"), "w") as f:  # names the profile's fusions
                 f.write(hlo)
 

@@ -339,12 +339,12 @@ class Engine:
         result = calculate(self.tokenizer.decode(expr_tokens))
         return [] if result is None else [self.python[2], *self.tokenizer.encode(result), self.python[3]]
 
-    def _carry(self, first, pos, M, limit=None):
+    def _carry(self, first, pos, M):
         """The device loop's state for rows whose first candidates (prefilled) are `first` and whose next
-        positions are pos (R,), with room for M tokens each; it runs `limit` steps per call (default M)."""
+        positions are pos (R,), with room for M tokens each; a call runs up to c["limit"] steps in all (M here)."""
         R = len(pos)
         zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)
-        return dict(candidate=first, pos=pos, step=np.int32(0), limit=np.int32(limit or M), n_out=zeros,
+        return dict(candidate=first, pos=pos, step=np.int32(0), limit=np.int32(M), n_out=zeros,
                     out=np.zeros((R, M), np.int32), mask=np.zeros((R, M), bool), done=false, call=false, in_python=false,
                     forced=np.zeros((R, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
 

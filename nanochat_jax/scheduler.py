@@ -265,7 +265,6 @@ class Scheduler:
         n = self._rows(busy)
         if tokens.shape[0] != n:
             return None
-        busy[n:] = False
         knobs = np.array([entry[0].knobs if entry else (0.0, 0, 1.0) for entry in self.active[:n]], np.float64)
         seeds = np.array([entry[0].seed if entry else 0 for entry in self.active[:n]], np.int32)
         steps = np.array([entry[0].generated + ahead if entry else 0 for entry in self.active[:n]], np.int32)
