@@ -31,6 +31,7 @@ python -m nanochat_jax.bench rl --depth 20 --tasks-dir ../shared/data/tasks
 import argparse
 import os
 import statistics
+import sys
 import time
 from functools import partial
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
-from nanochat_jax.kernels import add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -257,7 +258,7 @@ def bench_decode(args):
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import Tokenizer
     from nanochat_jax import kernels
-    kernels.DECODE_ATTENTION = args.decode_kernel
+    kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
@@ -327,10 +328,12 @@ def bench_decode(args):
 
 def bench_serve(args):
     """The chat server (web.server's app over a Scheduler) in this process on random weights, driven by
-    web.loadtest: one streaming client (its tokens/s after the first token), then --clients at once (requests/s,
-    TTFT p50/p99, the prefill groups and decode batches the scheduler formed). Random weights rarely sample a stop
-    token, so every reply runs to --max-tokens."""
+    web.loadtest in a process of its own (its client threads would otherwise take the server's interpreter lock
+    for every token they parse): one streaming client (its tokens/s after the first token), then --clients at once
+    (requests/s, TTFT p50/p99, the prefill groups and decode batches the scheduler formed). Random weights rarely
+    sample a stop token, so every reply runs to --max-tokens."""
     import logging
+    import subprocess
     import threading
     from flax import nnx
     from werkzeug.serving import make_server
@@ -338,26 +341,27 @@ def bench_serve(args):
     from nanochat_jax.model import GPT
     from nanochat_jax.scheduler import Scheduler
     from nanochat_jax.tokenizer import Tokenizer
-    from web.loadtest import describe, run_load
     from web.server import create_app
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     tokenizer = Tokenizer.placeholder(args.vocab_size)
     t0 = time.perf_counter()
-    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=args.warmup, prefill_rows=args.prefill_rows)
+    scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=args.warmup, prefill_rows=args.prefill_rows, chunk=args.chunk)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = make_server("127.0.0.1", 0, create_app(scheduler, tokenizer, max_tokens=args.max_tokens), threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     scheduler.ready.wait()
-    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {args.slots} slots, prefills of up to {args.prefill_rows}, "
+    print(f"{jax.devices()[0].device_kind}: d{args.depth}, {args.slots} slots, prefills of up to {args.prefill_rows}, rounds of up to {args.chunk} steps, "
           f"ready in {time.perf_counter() - t0:.1f} s; {args.max_tokens} tokens per reply, temperature {args.temperature}")
     url = f"http://127.0.0.1:{server.server_port}"
     try:
         for clients in map(int, args.clients.split(",")):
-            run_load(url, clients, args.max_tokens, args.temperature)  # untimed: the first requests of a shape
-            for rep in range(args.repeats):
-                figures = run_load(url, clients, args.max_tokens, args.temperature)
-                print(f"{clients:3d} clients: {describe(figures)} | prefills (requests: calls) {dict(sorted(figures['prefill_sizes'].items()))}", flush=True)
+            load = [sys.executable, "-m", "web.loadtest", "--url", url, "--clients", str(clients), "--max-tokens", str(args.max_tokens),
+                    "--temperature", str(args.temperature)]
+            for rep in range(args.repeats + 1):  # the first untimed: the first requests of a shape compile
+                out = subprocess.run(load, capture_output=True, text=True, check=True).stdout
+                if rep:
+                    print(f"{clients:3d} clients: " + out.strip().replace("\n", " | "), flush=True)
     finally:
         server.shutdown()
         scheduler.close()
@@ -472,7 +476,8 @@ p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=50, help="the chat default")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 10 decode steps per batch size into DIR, print GPU time by kernel")
 p.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
-p.add_argument("--decode-kernel", action="store_true", help="attention over the cache by kernels.decode_attention (NVIDIA GPUs)")
+p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
+               help="attention over the cache by kernels.decode_attention from this many rows up (NVIDIA GPUs; 0 always, -1 never)")
 
 p = sub.add_parser("serve", help="the chat server under web.loadtest, on random weights")
 p.add_argument("--depth", type=int, default=20)
@@ -480,6 +485,7 @@ p.add_argument("--vocab-size", type=int, default=65536)
 p.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
 p.add_argument("--slots", type=int, default=32, help="web.server --slots")
 p.add_argument("--prefill-rows", type=int, default=8, help="web.server --prefill-rows")
+p.add_argument("--chunk", type=int, default=16, help="web.server --chunk: most decode steps per round")
 p.add_argument("--clients", type=str, default="1,64", help="comma-separated client counts, each run on its own")
 p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--temperature", type=float, default=0.8)

@@ -5,8 +5,8 @@ Generation.
   (temperature, top-k, top-p, seeded), and nanochat's calculator tool forced into the stream.
   generate_batch() runs the decode loop on the device (lax.while_loop) and returns to the host only when a
   row calls the calculator; generate() streams the same loop's tokens a chunk of steps at a time.
-The chat server's continuous batching (nanochat_jax.scheduler) drives prefill/insert/step, a host round per
-step, and gives each request the same tokens.
+The chat server's continuous batching (nanochat_jax.scheduler) drives prefill/insert and the device loop in
+rounds of a few steps over rows that started apart, and gives each request the same tokens.
 """
 from collections import deque
 from dataclasses import dataclass, field
@@ -245,7 +245,8 @@ class Engine:
         return first, jnp.repeat(k, N, axis=1), jnp.repeat(v, N, axis=1)
 
     def _step_fn(self, state, tokens, k, v, pos, seeds, rows, steps, *knobs, window, mode=None):
-        """Feed tokens (B,) at positions pos (B,) and sample the next token of every row."""
+        """Feed tokens (B,) at positions pos (B,) and sample the next token of every row: the model's work in one
+        iteration of the device loop, alone (bench decode --profile traces it)."""
         model = self.model(state)
         h, k, v = self.decode(state, tokens[:, None], k, v, pos, window)
         return sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, steps), *knobs, mode=mode), k, v
@@ -262,7 +263,8 @@ class Engine:
         window, which the host then widens. Each iteration takes every live row's pending candidate (or a forced
         token), records it, and feeds it to sample the next candidate. A row is done at a stop token or once the
         cache is full (the token that would go past its last position is recorded, never fed); done rows stand
-        still. The caches k, v are donated."""
+        still. c["base"] (R,): tokens each row had before this carry began (the chat scheduler's rows start apart),
+        which keys its draws. The caches k, v are donated."""
         model = self.model(state)
         last = k.shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
@@ -281,8 +283,8 @@ class Engine:
             ended = (token == py_end) & c["in_python"] & live
             # a done row, or one past a full cache, rewrites a position nothing will read again
             h, k, v = self.decode(state, token[:, None], c["k"], c["v"], jnp.minimum(c["pos"], last), window)
-            candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, jnp.full_like(rows, s + 1)), *knobs, mode=mode)
-            n = c["n_out"]
+            n = c["n_out"]  # a live row's draw is keyed by its token count, base + n + 1 (= s + 1 when rows start together)
+            candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, c["base"] + n + 1), *knobs, mode=mode)
             out = c["out"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, token, c["out"][jnp.arange(n.shape[0]), n]))
             return dict(c, k=k, v=v, candidate=jnp.where(live, candidate, c["candidate"]), step=s + 1,
                         pos=c["pos"] + live, n_out=n + live, n_used=c["n_used"] + (is_forced & live), out=out,
@@ -344,7 +346,7 @@ class Engine:
         positions are pos (R,), with room for M tokens each; a call runs up to c["limit"] steps in all (M here)."""
         R = len(pos)
         zeros, false = np.zeros(R, np.int32), np.zeros(R, bool)
-        return dict(candidate=first, pos=pos, step=np.int32(0), limit=np.int32(M), n_out=zeros,
+        return dict(candidate=first, pos=pos, step=np.int32(0), limit=np.int32(M), n_out=zeros, base=zeros,
                     out=np.zeros((R, M), np.int32), mask=np.zeros((R, M), bool), done=false, call=false, in_python=false,
                     forced=np.zeros((R, self.FORCED), np.int32), n_forced=zeros, n_used=zeros)
 

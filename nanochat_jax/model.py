@@ -349,7 +349,8 @@ class CausalSelfAttention(nnx.Module):
         where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
         write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
         k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-        mode = kernel_mode(pallas.DECODE_ATTENTION and T == 1 and pallas.decode_attention_supported(Dh, window))
+        rows = pallas.DECODE_ATTENTION_ROWS
+        mode = kernel_mode(rows is not None and B >= rows and T == 1 and pallas.decode_attention_supported(Dh, window))
         if mode:  # one kernel per layer instead of XLA's products and softmax passes
             y = pallas.decode_attention(q[:, 0], k_cache, v_cache, layer, pos, window, mode == "interpret")[:, None]
         else:

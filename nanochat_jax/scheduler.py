@@ -1,13 +1,14 @@
 """
 Continuous batching for the chat server. One thread owns the engine and a KV cache of `slots` rows;
-requests from any number of threads queue up, are prefilled into free rows between decode steps (those
+requests from any number of threads queue up, are prefilled into free rows between decode rounds (those
 that wait together as the rows of one prefill), and leave their row as soon as they finish or their
-client goes away. Every step decodes all active rows together, so concurrent chats share the weight
+client goes away. Every round decodes all active rows together, so concurrent chats share the weight
 reads instead of each holding a model; it runs only the first rows that cover the busy ones (a power of
-four), so a lone chat does not pay for 32 rows of cache. Steps are pipelined: the next one is queued with
-the tokens the last one sampled, still on the device, before the host reads them, so the device keeps
-decoding while the host streams; the host redoes a step only when it changes a row's token (a calculator
-result) or admits new rows.
+four), so a lone chat does not pay for 32 rows of cache. A round is up to `chunk` steps of the engine's
+device loop (Engine._loop, what generate_batch runs), so the host pays its per-call costs (dispatch, the
+per-row inputs, reading tokens back, streaming them out) once per chunk instead of once per token; the loop
+itself forces calculator results and stops a row at its stop token, and a round ends early when a row
+closes a calculator call, which the host answers before the next.
 
     scheduler = Scheduler(engine, slots=32)
     request = scheduler.submit(prompt_ids, max_tokens=256, temperature=0.8, top_k=50)
@@ -52,27 +53,31 @@ class Request:
 
 
 class Scheduler:
-    """A step whose sampling rows all take the top-k fast path (sampling_mode 2, the chat defaults; greedy rows
-    may be beside them) compiles that path alone; any other mix picks its path on the device, by a switch whose
-    index XLA reads back before the step returns, so such a step is not queued ahead of the device.
+    """A round whose sampling rows all take the top-k fast path (sampling_mode 2, the chat defaults; greedy rows
+    may be beside them) compiles that path alone; any other mix picks its path on the device, by a switch.
     warmup=True compiles every prefill and decode shape before the first request is served (the server
     reports ready=False meanwhile), so no client ever waits for a compile. prefill_rows (a power of two): the
     most waiting requests prefilled together in one call, so a burst of clients waits for a few batched
-    prefills instead of one prefill after another."""
+    prefills instead of one prefill after another. chunk: the most decode steps in one round; a round right
+    after a prefill runs one step, so the new rows' first tokens go out without waiting for a whole chunk, and
+    a request that arrives waits at most one round to be prefilled."""
 
     STATIC_MODE = 2  # sample_next's path compiled on its own: the top candidates (top-k <= TOP_K_FAST, any temperature)
+    FREE = (Request([0], 0, 0.0, 0, 1.0, 0), Row())  # what a free row feeds the device loop: greedy, no tool state
 
-    def __init__(self, engine, slots=32, warmup=False, prefill_rows=8):
+    def __init__(self, engine, slots=32, warmup=False, prefill_rows=8, chunk=16):
         if prefill_rows < 1 or prefill_rows & (prefill_rows - 1):
             raise ValueError(f"prefill_rows must be a power of two, got {prefill_rows}")
-        self.engine, self.slots, self.prefill_rows = engine, slots, min(prefill_rows, 1 << (slots - 1).bit_length())
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 step, got {chunk}")
+        self.engine, self.slots, self.chunk = engine, slots, chunk
+        self.prefill_rows = min(prefill_rows, 1 << (slots - 1).bit_length())
         self.k, self.v = engine.new_cache(slots)
         self.active = [None] * slots  # per row: (request, tool state) or None
         self.pos = np.zeros(slots, np.int32)  # where each row's next token goes in the cache
         self.candidates = np.zeros(slots, np.int32)  # each row's sampled, not yet emitted token
-        self.pending = None  # the step in flight: (its sampled tokens on the device, the rows it decoded)
         self.waiting = queue.Queue()
-        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, batch_sizes=Counter(),
+        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, rounds=0, batch_sizes=Counter(),
                           prefill_sizes=Counter())
         self.stats_lock = threading.Lock()  # /stats reads from other threads
         self._stop, self.ready = threading.Event(), threading.Event()
@@ -105,24 +110,19 @@ class Scheduler:
 
     def _compile_all(self):
         """Run each static shape once: prefills of every group size with prompts padded to every bucket, decode
-        steps over every window. The prefills' rows are inserted past the batch, so nothing is written, and
-        what the decode steps write into free rows is never read."""
+        rounds over every window. The prefills' rows are inserted past the batch, so nothing is written, and the
+        rounds decode rows marked done, which stand still."""
         sizes, n = [], 16
         while (b := self.engine.bucket(n)) not in sizes:
             sizes.append(b)
             n *= 2
-        zeros = np.zeros(self.slots, np.int32)
-        knobs = (np.ones(self.slots, np.float32), np.full(self.slots, 50, np.int32), np.ones(self.slots, np.float32))
-        assert sampling_mode(*knobs) == self.STATIC_MODE
         for size in sizes:
             for rows in self._group_sizes():
                 dummy = Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
                 self._prefill([dummy] * rows, slots=[self.slots] * rows)
             for n in self._step_rows():
                 for mode in (None, self.STATIC_MODE):
-                    tokens = jax.device_put(zeros[:n], self.engine.device)  # as _dispatch passes them
-                    _, self.k, self.v = self.engine._step(self.engine.state, tokens, self.k, self.v, zeros[:n], zeros[:n], zeros[:n],
-                                                          zeros[:n], *(x[:n] for x in knobs), window=size, mode=mode)
+                    self._round([None] * n, 1, size, mode)
 
     def _step_rows(self):
         """The row counts a decode step runs: powers of four below slots, and slots."""
@@ -144,16 +144,13 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 admitted = self._admit()
-                if not any(self.active):
-                    self.pending = None  # rows that all finished leave nothing to read
-                    continue
-                self._advance(admitted)
+                if any(self.active):
+                    self._advance(admitted)
             except Exception as e:  # never let one bad step kill the server: fail the rows in flight
                 for i, entry in enumerate(self.active):
                     if entry is not None:
                         entry[0].error = f"{type(e).__name__}: {e}"
                         self._finish(i, None, "failed")
-                self.pending = None
                 self.k, self.v = self.engine.new_cache(self.slots)  # a failed step may have consumed the donated cache
 
     def _admit(self):
@@ -203,78 +200,81 @@ class Scheduler:
             if slot < self.slots:
                 self.pos[slot], self.candidates[slot] = len(request.tokens), int(first[i])
 
-    def _emit(self):
-        """Hand each row its next token (the calculator may force one) and retire finished rows."""
-        for i, entry in enumerate(self.active):
-            if entry is None:
-                continue
-            request, row = entry
-            if request.cancelled.is_set():
-                self._finish(i, None, "cancelled")
-                continue
-            token, _ = self.engine.next_token(row, int(self.candidates[i]))
-            self.candidates[i] = token  # what gets fed back
-            request.generated += 1
-            self.stats["tokens"] += 1
-            if request.first_token_at is None:
-                request.first_token_at = time.perf_counter()
-            if token in self.engine.stop_ids:
-                self._finish(i, "stop", "completed")
-                continue
-            request.events.put(token)
-            if request.generated >= request.max_tokens or self.pos[i] >= self.engine.max_len:
-                self._finish(i, "length", "completed")  # max_tokens, or the cache is full
-
     def _advance(self, admitted):
-        """Emit every busy row's token and leave the step that feeds them in flight. With a step already in flight
-        and nothing to change, the next one is queued first with its sampled tokens as they lie on the device, then
-        those are read; it stands if every row emits what it sampled, else a step with the emitted tokens (a
-        calculator result, rows just admitted) replaces it, rewriting the same cache positions."""
-        ahead = None
-        if self.pending is not None and not admitted and not any(entry[1].forced for entry in self.active if entry):
-            ahead = self._dispatch(self.pending[0], ahead=True)
-        if self.pending is not None:
-            sampled, fed = np.asarray(self.pending[0]), self.pending[1]
-            for i in np.flatnonzero(fed):
-                if i not in admitted:  # a row admitted since holds its prefill's sample
-                    self.candidates[i] = sampled[i]
-        sampled = self.candidates.copy()
-        self._emit()
+        """One round: decode the busy rows on the device loop, then hand each row the tokens it recorded (the
+        tool state runs over them on the host, as it did on the device) and retire finished rows. A round runs
+        up to chunk steps, no more than the busiest row still wants, and one step right after a prefill."""
+        for i, entry in enumerate(self.active):
+            if entry is not None and entry[0].cancelled.is_set():
+                self._finish(i, None, "cancelled")
         busy = np.array([entry is not None for entry in self.active])
         if not busy.any():
-            self.pending = None
-        elif ahead is not None and (self.candidates[busy] == sampled[busy]).all():
-            self.pending = ahead
-        else:
-            self.pending = self._dispatch(jax.device_put(self.candidates[:self._rows(busy)], self.engine.device))
-        if self.pending is not None:
-            self.pos = self.pos + self.pending[1]
-            with self.stats_lock:
-                self.stats["steps"] += 1
-                self.stats["batch_sizes"][int(self.pending[1].sum())] += 1
+            return
+        entries = self.active[:self._rows(busy)]
+        wanted = max(entry[0].max_tokens - entry[0].generated for entry in entries if entry)
+        limit = 1 if admitted else max(1, min(self.chunk, wanted))
+        window = self.engine.bucket(max(self.pos[i] for i, entry in enumerate(entries) if entry) + limit + 1)  # covers every step
+        c = self._round(entries, limit, window)
+        out, n_out, self.candidates[:len(entries)], new_pos = (np.asarray(c[name]) for name in ("out", "n_out", "candidate", "pos"))
+        with self.stats_lock:
+            self.stats["steps"] += int(c["step"])
+            self.stats["rounds"] += 1
+            self.stats["batch_sizes"][int(busy.sum())] += int(c["step"])
+        for i, entry in enumerate(entries):
+            if entry is None:
+                continue
+            for j in range(n_out[i]):
+                if not self._emit(i, int(out[i, j]), self.pos[i] + j):
+                    break
+            if self.active[i] is not None:
+                self.pos[i] = new_pos[i]
+
+    def _round(self, entries, limit, window, mode=False):
+        """Run the device loop for up to limit steps over the first len(entries) rows (None: a free row, which
+        stands still); returns the loop's final state. mode False: the one these rows' knobs need."""
+        n, engine = len(entries), self.engine
+        rows = [entry or self.FREE for entry in entries]
+        forced = np.zeros((n, engine.FORCED), np.int32)
+        for i, (_, row) in enumerate(rows):
+            if len(row.forced) > engine.FORCED:
+                raise RuntimeError(f"calculator output of {len(row.forced)} tokens exceeds the engine's {engine.FORCED}")
+            forced[i, :len(row.forced)] = list(row.forced)
+        knobs = np.array([r.knobs for r, _ in rows], np.float64)
+        knobs = knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32)
+        if mode is False:
+            mode = self.STATIC_MODE if sampling_mode(*knobs) == self.STATIC_MODE else None
+        pos = np.array([self.pos[i] if entry else 0 for i, entry in enumerate(entries)], np.int32)
+        c = dict(engine._carry(self.candidates[:n].copy(), pos, self.chunk), limit=np.int32(limit), forced=forced,
+                 done=np.array([entry is None for entry in entries]), base=np.array([r.generated for r, _ in rows], np.int32),
+                 in_python=np.array([row.in_python for _, row in rows]), n_forced=np.array([len(row.forced) for _, row in rows], np.int32))
+        seeds = np.array([r.seed for r, _ in rows], np.int32)
+        self.k, self.v, c = engine._loop(engine.state, self.k, self.v, c, seeds, np.zeros(n, np.int32), *knobs, window=window, mode=mode)
+        return c
+
+    def _emit(self, i, token, pos):
+        """Hand row i its next token, which was fed at pos (the calculator's state machine sees it, and forces
+        what the device loop forced); retire the row when it is done. Returns whether the row goes on."""
+        request, row = self.active[i]
+        if request.cancelled.is_set():
+            self._finish(i, None, "cancelled")
+            return False
+        token, _ = self.engine.next_token(row, token)
+        request.generated += 1
+        self.stats["tokens"] += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if token in self.engine.stop_ids:
+            self._finish(i, "stop", "completed")
+            return False
+        request.events.put(token)
+        if request.generated >= request.max_tokens or pos >= self.engine.max_len:
+            self._finish(i, "length", "completed")  # max_tokens, or the cache is full
+            return False
+        return True
 
     def _rows(self, busy):
-        """The rows a step decodes: the fewest of _step_rows that cover every busy row."""
+        """The rows a round decodes: the fewest of _step_rows that cover every busy row."""
         return next(n for n in self._step_rows() if n > np.flatnonzero(busy).max())
-
-    def _dispatch(self, tokens, ahead=False):
-        """Queue one step that feeds tokens (n,) to the first n rows (the busy ones among them at their positions;
-        free rows decode a dummy that is never read). ahead: queued before this round's tokens are emitted, so
-        each row's token count is one more than it is now. Returns (sampled tokens on the device, rows fed)."""
-        busy = np.array([entry is not None for entry in self.active])
-        n = self._rows(busy)
-        if tokens.shape[0] != n:
-            return None
-        knobs = np.array([entry[0].knobs if entry else (0.0, 0, 1.0) for entry in self.active[:n]], np.float64)
-        seeds = np.array([entry[0].seed if entry else 0 for entry in self.active[:n]], np.int32)
-        steps = np.array([entry[0].generated + ahead if entry else 0 for entry in self.active[:n]], np.int32)
-        pos = np.where(busy[:n], self.pos[:n], 0).astype(np.int32)  # fresh arrays: jax may read them after dispatch
-        knobs = knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32)
-        mode = sampling_mode(*knobs)
-        sampled, self.k, self.v = self.engine._step(
-            self.engine.state, tokens, self.k, self.v, pos, seeds, np.zeros(n, np.int32), steps, *knobs,
-            window=self.engine.bucket(int(pos.max()) + 1), mode=mode if mode == self.STATIC_MODE else None)
-        return sampled, busy
 
     def _finish(self, slot, reason, outcome):
         self._close(self.active[slot][0], reason)

@@ -87,11 +87,14 @@ def test_decode_attention_kernel_gives_the_same_tokens(model, engine, monkeypatc
     kwargs = [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)]
     expected = [engine.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs]
     monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
-    monkeypatch.setattr(kernels, "DECODE_ATTENTION", True)
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
     with_kernel = Engine(model, BYTES)  # a fresh engine: its jitted steps trace the kernel
-    jaxpr = str(jax.make_jaxpr(lambda s, k, v: with_kernel.decode(s, jnp.zeros((2, 1), jnp.int32), k, v, jnp.array([3, 9]), 16))(
-        with_kernel.state, *with_kernel.new_cache(2)))
-    assert "decode_attention" in jaxpr
+    step = lambda rows: str(jax.make_jaxpr(lambda s, k, v: with_kernel.decode(s, jnp.zeros((rows, 1), jnp.int32), k, v, jnp.arange(rows) + 3, 16))(
+        with_kernel.state, *with_kernel.new_cache(rows)))
+    assert "decode_attention" in step(2)
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 4)  # used from this many rows up: XLA's attention below
+    assert "decode_attention" not in step(2) and "decode_attention" in step(4)
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
     assert [with_kernel.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs] == expected
 
 

@@ -58,21 +58,25 @@ def test_a_burst_is_prefilled_in_batches_with_each_request_still_its_solo_tokens
         Scheduler(engine, prefill_rows=3)
 
 
-def test_a_lone_request_decodes_one_row_and_pipelined_steps_give_its_solo_tokens(engine):
-    """With one chat in 8 slots each step runs only the first row (the fewest of 1, 4, 8 rows that cover the busy
-    ones), and steps queued ahead of the host give exactly the tokens of generate()."""
-    scheduler = Scheduler(engine, slots=8)
+def test_a_lone_request_decodes_one_row_in_rounds_of_several_steps_with_its_solo_tokens(engine):
+    """With one chat in 8 slots each round runs only the first row (the fewest of 1, 4, 8 rows that cover the busy
+    ones): one step after its prefill, then rounds of up to `chunk` steps on the device loop, which give exactly
+    the tokens of generate()."""
+    scheduler = Scheduler(engine, slots=8, chunk=8)
     try:
         assert scheduler._step_rows() == [1, 4, 8]
         assert list(scheduler.submit(PROMPTS[2], max_tokens=30, temperature=0.9, seed=11)) == alone(engine, PROMPTS[2], 30, temperature=0.9, seed=11)
-        assert set(scheduler.snapshot()["batch_sizes"]) == {"1"}
+        stats = scheduler.snapshot()
+        assert set(stats["batch_sizes"]) == {"1"}
+        assert stats["rounds"] == 1 + -(-(stats["steps"] - 1) // 8)  # one step, then rounds of 8 (the last may be short)
     finally:
         scheduler.close()
 
 
-def test_a_calculator_result_replaces_the_step_queued_ahead(tool_engine):
-    """The step queued with the sampled tokens is redone when the calculator forces its result instead; beside
-    another chat the tool call gets the same reply as generate() gives it alone."""
+def test_a_calculator_call_ends_the_round_and_its_result_is_forced_in_the_next(tool_engine):
+    """A row that closes a calculator call ends the round for every row; the host answers it and the next round
+    forces the result. Beside another chat the tool call gets the same reply as generate() gives it alone, and the
+    other chat its own solo tokens."""
     scheduler = Scheduler(tool_engine, slots=4)
     try:
         expected = [column[0] for column, _ in tool_engine.generate(TOOL_PROMPT, max_tokens=len(TOOL_REPLY) + 4, temperature=0.0)]
@@ -110,12 +114,12 @@ def test_warmup_compiles_every_shape_before_serving():
     scheduler = Scheduler(engine, slots=3, warmup=True)
     try:
         assert scheduler.ready.wait(timeout=300)
-        compiled = (engine._prefill._cache_size(), engine._step._cache_size(), engine._insert._cache_size())
+        compiled = (engine._prefill._cache_size(), engine._loop._cache_size(), engine._insert._cache_size())
         for prompt in ([256] * 3, [256] * 20, [256] * 40):
             list(scheduler.submit(prompt, max_tokens=30, temperature=1.0, top_k=5))
         burst = [scheduler.submit([256] * n, max_tokens=5, temperature=1.0) for n in (2, 9, 33)]  # together: prefills of several rows
         for request in burst:
             list(request)
-        assert (engine._prefill._cache_size(), engine._step._cache_size(), engine._insert._cache_size()) == compiled
+        assert (engine._prefill._cache_size(), engine._loop._cache_size(), engine._insert._cache_size()) == compiled
     finally:
         scheduler.close()

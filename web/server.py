@@ -220,13 +220,13 @@ def create_app(scheduler, tokenizer, model_name="nanochat", temperature=0.8, top
     return app
 
 
-def build(checkpoint=None, source=None, tag=None, step=None, slots=32, warmup=True, prefill_rows=8, **app_kwargs):
+def build(checkpoint=None, source=None, tag=None, step=None, slots=32, warmup=True, prefill_rows=8, chunk=16, **app_kwargs):
     """Load a model and return the app with its scheduler running; for gunicorn, e.g.
     gunicorn --workers 1 --threads 64 'web.server:build(checkpoint="/tmp/d20-export")'"""
     from nanochat_jax.export import load_model
     model, tokenizer, description = load_model(checkpoint, source, tag, step)
     print(f"serving {description}: {model.config}")
-    scheduler = Scheduler(Engine(model, tokenizer), slots=slots, warmup=warmup, prefill_rows=prefill_rows)
+    scheduler = Scheduler(Engine(model, tokenizer), slots=slots, warmup=warmup, prefill_rows=prefill_rows, chunk=chunk)
     name = os.path.basename(os.path.normpath(checkpoint)) if checkpoint else description.replace(" ", "-")
     return create_app(scheduler, tokenizer, model_name=name, **app_kwargs)
 
@@ -244,10 +244,11 @@ if __name__ == "__main__":
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default when a request gives none")
     parser.add_argument("--slots", type=int, default=32, help="rows of the shared decode batch (concurrent generations)")
     parser.add_argument("--prefill-rows", type=int, default=8, help="most waiting requests prefilled in one call (a power of two)")
+    parser.add_argument("--chunk", type=int, default=16, help="most decode steps per round between the host's reads (1: a round per token)")
     parser.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead of at start-up")
     args = parser.parse_args()
     xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
-    app = build(args.checkpoint, args.source, args.tag, args.step, args.slots, not args.no_warmup, args.prefill_rows,
+    app = build(args.checkpoint, args.source, args.tag, args.step, args.slots, not args.no_warmup, args.prefill_rows, args.chunk,
                 temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
     print(f"chat UI on http://{args.host}:{args.port}/")
     app.run(host=args.host, port=args.port, threaded=True)
