@@ -359,9 +359,11 @@ def bench_serve(args):
             load = [sys.executable, "-m", "web.loadtest", "--url", url, "--clients", str(clients), "--max-tokens", str(args.max_tokens),
                     "--temperature", str(args.temperature)]
             for rep in range(args.repeats + 1):  # the first untimed: the first requests of a shape compile
-                out = subprocess.run(load, capture_output=True, text=True, check=True).stdout
+                run = subprocess.run(load, capture_output=True, text=True)
+                if run.returncode:
+                    raise RuntimeError(f"web.loadtest failed ({run.returncode}): {run.stderr[-2000:]}")
                 if rep:
-                    print(f"{clients:3d} clients: " + out.strip().replace("\n", " | "), flush=True)
+                    print(f"{clients:3d} clients: " + run.stdout.strip().replace("\n", " | "), flush=True)
     finally:
         server.shutdown()
         scheduler.close()

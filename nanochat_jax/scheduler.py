@@ -21,7 +21,6 @@ import threading
 import time
 from collections import Counter
 
-import jax
 import numpy as np
 
 from nanochat_jax.engine import Row, sampling_mode

@@ -25,7 +25,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting fa
 # (the end-to-end speedrun) runs beside everything else instead of after it. (On 2 busy cores this did not
 # shorten the suite: 25 min 59 s against 26 min 7 s; only less work does.)
 LONGEST_FIRST = ["test_run_speedrun.py",  # 927
-                 "test_engine.py", "test_mid_train.py", "test_checkpoint.py", "test_rl.py",  # 232, 168, 166, 126
+                 "test_engine.py", "test_mid_train.py", "test_checkpoint.py", "test_scheduler.py", "test_rl.py",  # 232, 168, 166, ~130, 126
                  "test_bench.py", "test_multiprocess.py", "test_kernels.py", "test_parity.py",  # 108, 106, 106, 98
                  "test_sharding.py", "test_web.py", "test_core.py", "test_model.py"]  # 97, 96, 85, 77
 
@@ -165,7 +165,7 @@ def wait_until_up(url, process, timeout=300):
 def web_server(chat_export):
     """Base URL of `python -m web.server --checkpoint <export>` on a free loopback port."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "web.server", "--checkpoint", chat_export, "--port", str(port), "--slots", "16"],
+    process = subprocess.Popen([sys.executable, "-m", "web.server", "--checkpoint", chat_export, "--port", str(port), "--slots", "4"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -61,3 +61,14 @@ def test_rl_benchmark_times_rollout_scoring_and_update(tmp_path):
                 "--max-new-tokens", "8", "--device-batch-size", "2", "--steps", "2", "--warmup", "1")
     line = out.strip().splitlines()[-1]
     assert re.search(r"median of 2 steps: rollout [\d.]+s \([\d,]+ tok/s\) \| score [\d.]+s \| update [\d.]+s \| step [\d.]+s", line), out
+
+
+def test_serve_benchmark_drives_the_server_with_the_load_test_in_its_own_process():
+    """One client, then two at once, each after an untimed run; a reply runs to --max-tokens or a stop token."""
+    out = bench("serve", "--depth", "2", "--vocab-size", "512", "--max-len", "64", "--slots", "4", "--chunk", "4",
+                "--clients", "1,2", "--max-tokens", "8", "--repeats", "1")
+    assert "rounds of up to 4 steps" in out, out
+    for clients in (1, 2):
+        line = next(line for line in out.splitlines() if line.startswith(f"  {clients} clients: "))
+        assert re.search(rf"{clients}/{clients} completed, 0 errors, .* req/s \| TTFT p50 \d+ ms", line), line
+        assert 0 < int(re.search(r"\| (\d+) tokens, ", line).group(1)) <= 8 * clients and "tok/s per client after its first" in line, line
