@@ -139,9 +139,10 @@ def sample_next(logits, keys, temperature, top_k, top_p, mode=None):
         sampled = _sample_sorted(values, ids, keys, temperature, top_k, top_p).astype(jnp.int32)
         return jnp.where(plain_rows, plain(), sampled) if with_plain else sampled
 
-    def all_sorted():
+    def all_sorted():  # plain rows draw as they do alone: a draw over sorted logits would give another token
         order = jnp.argsort(-logits, axis=-1)
-        return _sample_sorted(jnp.take_along_axis(logits, order, axis=-1), order, keys, temperature, top_k, top_p).astype(jnp.int32)
+        sampled = _sample_sorted(jnp.take_along_axis(logits, order, axis=-1), order, keys, temperature, top_k, top_p).astype(jnp.int32)
+        return jnp.where(plain_rows, plain(), sampled)
 
     branches = [lambda: greedy, plain, lambda: few(False), lambda: few(True), all_sorted]
     if mode is None:

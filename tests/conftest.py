@@ -165,7 +165,7 @@ def wait_until_up(url, process, timeout=300):
 def web_server(chat_export):
     """Base URL of `python -m web.server --checkpoint <export>` on a free loopback port."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "web.server", "--checkpoint", chat_export, "--port", str(port), "--slots", "4"],
+    process = subprocess.Popen([sys.executable, "-m", "web.server", "--checkpoint", chat_export, "--port", str(port), "--slots", "4", "--no-warmup"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -42,6 +42,19 @@ def test_batched_requests_match_running_alone(engine):
         scheduler.close()
 
 
+def test_a_plain_sampling_row_beside_a_nucleus_row_draws_as_it_does_alone(engine):
+    """A top-p row makes the round sort all V logits; the plain row beside it (no top-k, no top-p) still takes the
+    plain draw it takes alone, so it gets the same tokens."""
+    scheduler = Scheduler(engine, slots=2)
+    try:
+        plain = scheduler.submit(PROMPTS[0], max_tokens=16, temperature=1.0, seed=7)
+        nucleus = scheduler.submit(PROMPTS[1], max_tokens=16, temperature=1.0, top_p=0.9, seed=8)
+        assert list(plain) == alone(engine, PROMPTS[0], 16, temperature=1.0, seed=7)
+        assert list(nucleus) == alone(engine, PROMPTS[1], 16, temperature=1.0, top_p=0.9, seed=8)
+    finally:
+        scheduler.close()
+
+
 def test_a_burst_is_prefilled_in_batches_with_each_request_still_its_solo_tokens(engine):
     """Requests that queue up together (here, during the warm-up) are prefilled as the rows of one call, up to
     prefill_rows at a time, padded to a power of two; each still gets exactly the tokens it gets alone."""
