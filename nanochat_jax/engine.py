@@ -338,9 +338,13 @@ class Engine:
         return token, mask
 
     def tool_output(self, expr_tokens):
-        """Tokens to force after a calculator call: <|output_start|>result<|output_end|>, or none."""
+        """Tokens to force after a calculator call: <|output_start|>result<|output_end|>, or none. The device loop
+        holds at most FORCED of them for a row."""
         result = calculate(self.tokenizer.decode(expr_tokens))
-        return [] if result is None else [self.python[2], *self.tokenizer.encode(result), self.python[3]]
+        extra = [] if result is None else [self.python[2], *self.tokenizer.encode(result), self.python[3]]
+        if len(extra) > self.FORCED:
+            raise RuntimeError(f"calculator output of {len(extra)} tokens exceeds the engine's {self.FORCED}")
+        return extra
 
     def _carry(self, first, pos, M):
         """The device loop's state for rows whose first candidates (prefilled) are `first` and whose next
@@ -360,8 +364,6 @@ class Engine:
             before_end = list(out[i, :n_out[i] - 1])  # the call's <|python_end|> is the row's last token
             start = len(before_end) - 1 - before_end[::-1].index(self.python[0])  # its <|python_start|>
             extra = self.tool_output(before_end[start + 1:])
-            if len(extra) > self.FORCED:
-                raise RuntimeError(f"calculator output of {len(extra)} tokens exceeds the engine's {self.FORCED}")
             forced[i, :len(extra)], n_forced[i], n_used[i] = extra, len(extra), 0
         return dict(c, forced=forced, n_forced=n_forced, n_used=n_used, call=np.zeros_like(call))
 

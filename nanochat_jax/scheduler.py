@@ -124,7 +124,7 @@ class Scheduler:
                     self._round([None] * n, 1, size, mode)
 
     def _step_rows(self):
-        """The row counts a decode step runs: powers of four below slots, and slots."""
+        """The row counts a decode round runs: powers of four below slots, and slots."""
         counts = [1]
         while counts[-1] * 4 < self.slots:
             counts.append(counts[-1] * 4)
@@ -212,8 +212,7 @@ class Scheduler:
         entries = self.active[:self._rows(busy)]
         wanted = max(entry[0].max_tokens - entry[0].generated for entry in entries if entry)
         limit = 1 if admitted else max(1, min(self.chunk, wanted))
-        window = self.engine.bucket(max(self.pos[i] for i, entry in enumerate(entries) if entry) + limit + 1)  # covers every step
-        c = self._round(entries, limit, window)
+        c = self._round(entries, limit)
         out, n_out, self.candidates[:len(entries)], new_pos = (np.asarray(c[name]) for name in ("out", "n_out", "candidate", "pos"))
         with self.stats_lock:
             self.stats["steps"] += int(c["step"])
@@ -228,21 +227,21 @@ class Scheduler:
             if self.active[i] is not None:
                 self.pos[i] = new_pos[i]
 
-    def _round(self, entries, limit, window, mode=False):
+    def _round(self, entries, limit, window=None, mode=False):
         """Run the device loop for up to limit steps over the first len(entries) rows (None: a free row, which
-        stands still); returns the loop's final state. mode False: the one these rows' knobs need."""
+        stands still); returns the loop's final state. window None: one that covers every step of the round;
+        mode False: the one these rows' knobs need."""
         n, engine = len(entries), self.engine
         rows = [entry or self.FREE for entry in entries]
-        forced = np.zeros((n, engine.FORCED), np.int32)
+        forced = np.zeros((n, engine.FORCED), np.int32)  # a row's forced tokens fit: Engine.tool_output checks
         for i, (_, row) in enumerate(rows):
-            if len(row.forced) > engine.FORCED:
-                raise RuntimeError(f"calculator output of {len(row.forced)} tokens exceeds the engine's {engine.FORCED}")
             forced[i, :len(row.forced)] = list(row.forced)
         knobs = np.array([r.knobs for r, _ in rows], np.float64)
         knobs = knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32)
         if mode is False:
             mode = self.STATIC_MODE if sampling_mode(*knobs) == self.STATIC_MODE else None
         pos = np.array([self.pos[i] if entry else 0 for i, entry in enumerate(entries)], np.int32)
+        window = window or engine.bucket(int(pos.max()) + limit + 1)
         c = dict(engine._carry(self.candidates[:n].copy(), pos, self.chunk), limit=np.int32(limit), forced=forced,
                  done=np.array([entry is None for entry in entries]), base=np.array([r.generated for r, _ in rows], np.int32),
                  in_python=np.array([row.in_python for _, row in rows]), n_forced=np.array([len(row.forced) for _, row in rows], np.int32))
