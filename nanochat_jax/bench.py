@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
-from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -259,6 +259,7 @@ def bench_decode(args):
     from nanochat_jax.tokenizer import Tokenizer
     from nanochat_jax import kernels
     kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
+    kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
@@ -480,6 +481,10 @@ p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 1
 p.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
 p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
                help="attention over the cache by kernels.decode_attention from this many rows up (NVIDIA GPUs; 0 always, -1 never)")
+p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
+               help="batches of at most this many rows decode in five kernels a layer (kernels.decode_linear; 0 never)")
+p.add_argument("--gemv-tile", type=int, default=GEMV_TILE, help="kernels.decode_linear's tile, in elements")
+p.add_argument("--gemv-programs", type=int, default=GEMV_PROGRAMS, help="kernels.decode_linear's least number of programs")
 
 p = sub.add_parser("serve", help="the chat server under web.loadtest, on random weights")
 p.add_argument("--depth", type=int, default=20)

@@ -13,8 +13,10 @@ plain-JAX twin is the fallback:
 
 Decoding (inference only, no gradient):
 
-- decode_attention: one new query per row against one layer's KV cache, the filled positions only, in one
-  kernel per layer instead of XLA's dot, mask and softmax passes and second dot.
+- decode_attention: RoPE and QK norm of one new token per row, its key and value written into one layer's KV
+  cache, and its queries against the filled positions, in one kernel per layer instead of XLA's ~15.
+- decode_linear: a product with one of a layer's weights for a few rows (a GEMV), with the RMSNorm before it,
+  and the ReLU² or the residual add after it, inside. With decode_attention, a layer is five kernels.
 
 The kernels lower through Triton on NVIDIA GPUs. `mode()` says how they run here: "triton", or None where
 they cannot (CPU, other backends), and then the model keeps its plain path. Tests run the same kernels in
@@ -311,74 +313,178 @@ rope_qk_norm.defvjp(_rope_qk_norm_fwd, _rope_qk_norm_bwd)
 
 
 # -----------------------------------------------------------------------------
-# Decode attention
+# Decoding: one token per row, five kernels a layer
 
-def decode_attention_reference(q, k_cache, v_cache, layer, pos, window):
-    """Plain JAX, the model's KV-cache path for one new token per row: q (B, H, Dh) of row b's token at pos[b]
-    attends over keys 0..pos[b] of cache `layer` (caches (L, B, S, K, Dh); GQA: head h reads kv head h // (H // K)),
-    read through the first `window` positions. Returns (B, H, Dh) in q's dtype."""
-    q, T = q[:, None], 1  # (B, T, H, Dh)
-    keys, values = k_cache[layer, :, :window].astype(q.dtype), v_cache[layer, :, :window].astype(q.dtype)  # (B, W, K, Dh)
-    mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
-    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")[:, 0]
+def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, layer, pos, window):
+    """Plain JAX, the model's KV-cache path for one new token per row: qkv (B, (H + 2K) Dh) is the fused QKV
+    product of row b's token at pos[b] (queries, then keys, then values), cos/sin (B, Dh/2) its rotary tables.
+    RoPE and QK norm, the new key and value written at pos[b] of cache `layer` (caches (L, R, S, K, Dh), R >= B),
+    and the query over keys 0..pos[b] read through the first `window` positions (GQA: head h reads kv head
+    h // (H // K)). Returns (y (B, H, Dh) in qkv's dtype, k_cache, v_cache)."""
+    from nanochat_jax.model import apply_rotary_emb, norm  # here: the model imports this module
+    (B, _), (K, Dh) = qkv.shape, k_cache.shape[3:]
+    q, k, v = jnp.split(qkv[:, None], [qkv.shape[1] - 2 * K * Dh, qkv.shape[1] - K * Dh], axis=-1)
+    q, k, v = q.reshape(B, 1, -1, Dh), k.reshape(B, 1, K, Dh), v.reshape(B, 1, K, Dh)
+    q, k = norm(apply_rotary_emb(q, cos[:, None], sin[:, None])), norm(apply_rotary_emb(k, cos[:, None], sin[:, None]))
+    write = lambda c, new: c.at[layer, jnp.arange(B), pos].set(new[:, 0].astype(c.dtype), mode="clip", unique_indices=True)
+    k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+    keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
+    mask = jnp.arange(window)[None, :] <= pos[:, None]  # (B, W)
+    y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None, None], implementation="xla")
+    return y[:, 0], k_cache, v_cache
 
 
-def _decode_attention_kernel(q_ref, k_ref, v_ref, pos_ref, o_ref, *, layer, window, block):
-    """One row b and kv head j. Every ref is the whole array (q and o (B, H, Dh), the caches (L, B, S, K, Dh),
-    pos (B,)): the program reads its own part. Keys 0..pos[b] of `layer` stream through an online softmax a
-    block at a time, each block loaded once for the group's query heads, which go one at a time (the group is
-    often 1, so no tensor-core dot: scores and output are multiplies and sums)."""
+def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y_ref, k_out, v_out, *, layer, window, block):
+    """One row b and kv head j; every ref is the whole array, the program reads its own part. RoPE and QK norm of
+    its query heads and key (in halves of a head: Triton slices no registers), the new key and value stored at
+    pos[b] of the aliased caches, then keys 0..pos[b]-1 of `layer` streamed through an online softmax a block at
+    a time, each block loaded once for the group's query heads, and the new key last, from registers. The group
+    is often 1, so no tensor-core dot: scores and output are multiplies and sums, in fp32."""
     b, j = pl.program_id(0), pl.program_id(1)
-    group, Dh = q_ref.shape[1] // k_ref.shape[3], q_ref.shape[2]
-    heads = [j * group + g for g in range(group)]
-    n = jnp.minimum(pos_ref[b] + 1, window)  # keys this row sees: the reference's mask, also for a pos past the window
+    K, Dh = k_ref.shape[3], k_ref.shape[4]
+    H, d, dtype = qkv_ref.shape[1] // Dh - 2 * K, Dh // 2, qkv_ref.dtype
+    group = H // K
+    pos = pos_ref[b]
     layer = jnp.int32(layer)  # an array index: the interpreter's masked load takes no Python int beside traced ones
-    qs = [q_ref[b, h, :].astype(jnp.float32) * (1.0 / math.sqrt(Dh)) for h in heads]
+    c, s = cos_ref[b, :].astype(dtype), sin_ref[b, :].astype(dtype)
+
+    def rope_norm(head):  # head's halves, rotated, normed and rounded to the compute dtype (the model's path), in fp32
+        y1, y2, _ = _rope_norm_fwd_math(qkv_ref[b, pl.ds(head * Dh, d)], qkv_ref[b, pl.ds(head * Dh + d, d)], c, s)
+        return y1.astype(dtype).astype(jnp.float32), y2.astype(dtype).astype(jnp.float32)
+
+    k1, k2 = rope_norm(H + j)
+    v1, v2 = (qkv_ref[b, pl.ds((H + K + j) * Dh + o, d)].astype(jnp.float32) for o in (0, d))
+    for ref, half, o in ((k_out, k1, 0), (k_out, k2, d), (v_out, v1, 0), (v_out, v2, d)):
+        ref[layer, b, pos, j, pl.ds(o, d)] = half.astype(ref.dtype)
+    scale = 1.0 / math.sqrt(Dh)
+    qs = [tuple(h * scale for h in rope_norm(j * group + g)) for g in range(group)]
+    n = jnp.minimum(pos, window)  # cached keys this row sees: the reference's mask, also for a pos past the window
 
     def body(i, carry):
         valid = i * block + jnp.arange(block) < n
 
-        def load(ref):  # (block, Dh); the tail past pos[b] reads as 0 whatever the cache holds there
-            x = plgpu.load(ref.at[layer, b, pl.ds(i * block, block), j, :], mask=valid[:, None], other=0)
-            return x.astype(q_ref.dtype).astype(jnp.float32)  # rounded to q's dtype first, as the reference does
-        k, v = load(k_ref), load(v_ref)
+        def load(ref, o):  # (block, d); the tail past the filled keys reads as 0 whatever the cache holds there
+            x = plgpu.load(ref.at[layer, b, pl.ds(i * block, block), j, pl.ds(o, d)], mask=valid[:, None], other=0)
+            return x.astype(dtype).astype(jnp.float32)  # rounded to the compute dtype first, as the reference does
+        kb1, kb2, vb1, vb2 = load(k_ref, 0), load(k_ref, d), load(v_ref, 0), load(v_ref, d)
         out = []
-        for q, (m, l, acc) in zip(qs, carry):
-            s = jnp.where(valid, jnp.sum(k * q[None, :], axis=1), -jnp.inf)  # (block,)
-            m_new = jnp.maximum(m, jnp.max(s))  # finite from the first block on: it holds key 0
-            alpha, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
-            out.append((m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
+        for (q1, q2), (m, l, a1, a2) in zip(qs, carry):
+            sc = jnp.where(valid, jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1), -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(sc))  # finite from the first block on: it holds key 0
+            alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
+            out.append((m_new, l * alpha + jnp.sum(p), a1 * alpha + jnp.sum(p[:, None] * vb1, axis=0),
+                        a2 * alpha + jnp.sum(p[:, None] * vb2, axis=0)))
         return tuple(out)
 
-    init = tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((Dh,), jnp.float32)) for _ in heads)
-    carry = lax.fori_loop(0, pl.cdiv(n, block), body, init)  # the filled blocks only: the cost follows pos[b]
-    for h, (m, l, acc) in zip(heads, carry):
-        o_ref[b, h, :] = (acc / l).astype(o_ref.dtype)
+    zeros = jnp.zeros((d,), jnp.float32)
+    carry = lax.fori_loop(0, pl.cdiv(n, block), body, tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), zeros, zeros) for _ in qs))
+    for g, ((q1, q2), (m, l, a1, a2)) in enumerate(zip(qs, carry)):
+        sc = jnp.where(pos < window, jnp.sum(q1 * k1) + jnp.sum(q2 * k2), -jnp.inf)  # the new key, inside the window
+        m_new = jnp.maximum(m, sc)
+        alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
+        l = l * alpha + p
+        y_ref[b, j * group + g, pl.ds(0, d)] = ((a1 * alpha + p * v1) / l).astype(y_ref.dtype)
+        y_ref[b, j * group + g, pl.ds(d, d)] = ((a2 * alpha + p * v2) / l).astype(y_ref.dtype)
 
 
 DECODE_BLOCK = 64  # keys per loop step, at most the window
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
-# bench decode --decode-kernel-rows). One H100, d20, a 256-position window: 128 rows 2.67 -> 2.31 ms a step,
-# 1 row 1.01 -> 1.04 ms (XLA's few small kernels are as quick when there is little to read).
+# bench decode --decode-kernel-rows), and always with decode_linear.
 DECODE_ATTENTION_ROWS = 32
 
 
 def decode_attention_supported(Dh, window, block=DECODE_BLOCK):
-    """Triton loads powers of 2: a head (Dh,) and a block of keys (block, Dh), blocks tiling the window."""
+    """Triton loads powers of 2: half a head (Dh/2,) and a block of keys (block, Dh/2), blocks tiling the window."""
     block = min(block, window)
-    return Dh & (Dh - 1) == 0 and block & (block - 1) == 0 and window % block == 0
+    return Dh & (Dh - 1) == 0 and Dh >= 2 and block & (block - 1) == 0 and window % block == 0
 
 
-def decode_attention(q, k_cache, v_cache, layer, pos, window, interpret=False, block=DECODE_BLOCK):
+def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=DECODE_BLOCK):
     """decode_attention_reference in one kernel, one program per (row, kv head): B * K programs, each reading its
-    kv head of `layer` straight from the full caches (L, B, S, K, Dh), positions 0..pos[b] only, fp32 inside,
-    and writing its H // K query heads of the (B, H, Dh) output in q's dtype. layer and window are static."""
-    B, H, Dh = q.shape
-    K = k_cache.shape[3]
+    kv head of `layer` straight from the full caches (L, R, S, K, Dh), positions 0..pos[b] only, fp32 inside, and
+    writing its new key and value into the caches in place (aliased: the caller's are donated) and its H // K query
+    heads of the (B, H, Dh) output in qkv's dtype. layer and window are static."""
+    B = qkv.shape[0]
+    K, Dh = k_cache.shape[3:]
+    H = qkv.shape[1] // Dh - 2 * K
     block = min(block, window)
     # no BlockSpecs: every input is passed whole, so XLA copies no slice of the caches before the call
     return pl.pallas_call(
         partial(_decode_attention_kernel, layer=layer, window=window, block=block),
-        out_shape=jax.ShapeDtypeStruct((B, H, Dh), q.dtype), grid=(B, K),
+        out_shape=(jax.ShapeDtypeStruct((B, H, Dh), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        grid=(B, K), input_output_aliases={3: 1, 4: 2},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=interpret, name="decode_attention")(q, k_cache, v_cache, pos.astype(jnp.int32))
+        interpret=interpret, name="decode_attention")(qkv, cos, sin, k_cache, v_cache, pos.astype(jnp.int32))
+
+
+def decode_linear_reference(x, w, norm=False, relu2=False, residual=None):
+    """Plain JAX, the KV-cache path's products for rows x (B, K) and a transposed weight w (N, K) in the compute
+    dtype: x RMS-normed first (norm), the product's ReLU² (relu2), or the product added to residual (B, N)."""
+    from nanochat_jax.model import norm as rms_norm
+    y = jnp.einsum("bi,oi->bo", rms_norm(x) if norm else x, w)
+    y = jnp.square(jax.nn.relu(y)) if relu2 else y
+    return y if residual is None else residual + y
+
+
+def _gemv_kernel(x_ref, w_ref, *rest, bn, bk, norm, relu2):
+    """BN outputs of every row: the weight's (BN, K) rows streamed in (BN, BK) tiles, each loaded once for all
+    rows (few: one at a time, multiplies and sums on the CUDA cores; a tensor-core dot needs 16). The loops are
+    Python loops, unrolled, so every tile's load can be issued before the first sum waits on it."""
+    residual_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
+    (B, K), dtype = x_ref.shape, x_ref.dtype
+    cols = pl.ds(pl.program_id(0) * bn, bn)
+    chunks = [pl.ds(i * bk, bk) for i in range(K // bk)]
+    xs = [[x_ref[b, ch] for ch in chunks] for b in range(B)]
+    if norm:  # RMSNorm each row in fp32 and round it to the compute dtype, as model.norm does, before the product
+        for b in range(B):
+            r = lax.rsqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in xs[b]) / K + EPS)
+            xs[b] = [(x.astype(jnp.float32) * r).astype(dtype) for x in xs[b]]
+    acc = [jnp.zeros((bn,), jnp.float32) for _ in range(B)]
+    for i, ch in enumerate(chunks):
+        w = plgpu.load(w_ref.at[cols, ch], eviction_policy="evict_first").astype(jnp.float32)  # read once: keep x in L2
+        acc = [a + jnp.sum(w * xs[b][i].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc)]
+    for b in range(B):
+        y = acc[b].astype(dtype).astype(jnp.float32)  # the product's rounding, then the epilogue's
+        if relu2:
+            y = jnp.square(jnp.maximum(y, 0.0))
+        if residual_ref is not None:
+            y = residual_ref[b, cols].astype(jnp.float32) + y
+        o_ref[b, cols] = y.astype(o_ref.dtype)
+
+
+# Tiles: a (BN, BK) tile of GEMV_TILE elements, BN as large as leaves at least GEMV_PROGRAMS programs (an H100 has
+# 132 SMs: two or more programs on each keep its loads in flight). bench decode --gemv-tile/--gemv-programs.
+GEMV_TILE, GEMV_PROGRAMS = 4096, 256
+# The KV-cache path decodes batches of at most this many rows with decode_linear (0: never; bench decode
+# --decode-gemv-rows): its products one kernel each, with the norms, ReLU² and residual adds inside.
+DECODE_GEMV_ROWS = 8
+
+
+def gemv_tiles(N, K, tile=None, programs=None):
+    """(BN, BK) for a product of N outputs over K inputs: powers of 2 dividing N and K; None if there are none."""
+    tile, programs = tile or GEMV_TILE, programs or GEMV_PROGRAMS
+    bn = 1
+    while N % (2 * bn) == 0 and N // (2 * bn) >= programs and 2 * bn * 16 <= tile:
+        bn *= 2
+    bk = K & -K  # the largest power of 2 dividing K
+    while bk * bn > tile:
+        bk //= 2
+    return (bn, bk) if bk >= 16 else None
+
+
+def decode_linear_supported(N, K):
+    return gemv_tiles(N, K) is not None
+
+
+def decode_linear(x, w, norm=False, relu2=False, residual=None, interpret=False):
+    """decode_linear_reference in one kernel: norm, the product with w (N, K) (a (d_out, d_in) kernel, as the engine
+    holds them), and ReLU² or the residual add, for a few rows x (B, K); the result (B, N) in x's dtype."""
+    (B, K), N = x.shape, w.shape[0]
+    bn, bk = gemv_tiles(N, K)
+    args = (x, w) if residual is None else (x, w, residual)
+    return pl.pallas_call(
+        partial(_gemv_kernel, bn=bn, bk=bk, norm=norm, relu2=relu2),
+        out_shape=jax.ShapeDtypeStruct((B, N), x.dtype), grid=(N // bn,),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret, name="decode_linear")(*args)

@@ -338,6 +338,12 @@ class CausalSelfAttention(nnx.Module):
         B, T, _ = x.shape
         k_cache, v_cache, pos, layer, window, transposed, qkv = cache  # caches (L, R, S, K, Dh) for all layers, updated in place
         H, K, Dh = self.n_head, self.n_kv_head, self.head_dim
+        rows = pallas.DECODE_ATTENTION_ROWS
+        mode = kernel_mode(rows is not None and B >= rows and T == 1 and qkv is not None and pallas.decode_attention_supported(Dh, window))
+        if mode:  # one kernel per layer for RoPE, QK norm, the cache write and attention, instead of XLA's ~15
+            y, k_cache, v_cache = pallas.decode_attention(jnp.einsum("bi,oi->bo", x[:, 0], qkv.astype(x.dtype)), cos[:, 0], sin[:, 0],
+                                                          k_cache, v_cache, layer, pos, window, mode == "interpret")
+            return dense(self.c_proj, y.reshape(B, T, H * Dh), transposed), (k_cache, v_cache)
         if qkv is None:
             q, k, v = (dense(lin, x, transposed) for lin in (self.c_q, self.c_k, self.c_v))
         else:  # c_q, c_k and c_v's kernels as one transposed matrix: one product reads all three
@@ -349,16 +355,11 @@ class CausalSelfAttention(nnx.Module):
         where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
         write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
         k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-        rows = pallas.DECODE_ATTENTION_ROWS
-        mode = kernel_mode(rows is not None and B >= rows and T == 1 and pallas.decode_attention_supported(Dh, window))
-        if mode:  # one kernel per layer instead of XLA's products and softmax passes
-            y = pallas.decode_attention(q[:, 0], k_cache, v_cache, layer, pos, window, mode == "interpret")[:, None]
-        else:
-            # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
-            keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
-            # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
-            mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
-            y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
+        # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
+        keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
+        # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
+        mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
+        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
         return dense(self.c_proj, y.reshape(B, T, self.n_head * self.head_dim), transposed), (k_cache, v_cache)
 
     def with_suffixes(self, xp, cos_p, sin_p, xs, cos_s, sin_s, mask):
@@ -436,6 +437,18 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8, kernels=kernels)
         self.mlp = MLP(config, rngs=rngs, fp8=fp8, kernels=kernels)
 
+    def decode_token(self, x, qkv, cos, sin, k_cache, v_cache, pos, layer, window, interpret=False):
+        """__call__ on the KV-cache path for one token per row, x (B, D), cos/sin (B, Dh/2), in five kernels: the
+        norm and QKV product, attention with the cache write (kernels.decode_attention), c_proj and the residual
+        add, the norm, c_fc and ReLU², c_proj and the residual add (kernels.decode_linear). The Linear kernels must
+        be held transposed, and qkv is the layer's fused QKV matrix (GPT.decode)."""
+        linear = lambda x, w, **kw: pallas.decode_linear(x, w.astype(x.dtype), interpret=interpret, **kw)
+        y, k_cache, v_cache = pallas.decode_attention(linear(x, qkv, norm=True), cos, sin, k_cache, v_cache, layer, pos,
+                                                      window, interpret)
+        x = linear(y.reshape(x.shape[0], -1), self.attn.c_proj.kernel[...], residual=x)
+        h = linear(x, self.mlp.c_fc.kernel[...], norm=True, relu2=True)
+        return linear(h, self.mlp.c_proj.kernel[...], residual=x), k_cache, v_cache
+
     def __call__(self, x, cos, sin, cache=None):
         y, cache = self.attn(norm(x), cos, sin, cache)
         x = x + y
@@ -481,6 +494,12 @@ class GPT(nnx.Module):
         window = window or k_cache.shape[2]
         cos, sin = rotary_tables(pos[:, None] + jnp.arange(T)[None, :], self.config.head_dim)  # (B, T, Dh/2), offset per row
         x = norm(self.wte.embedding[...][idx].astype(self.dtype))
+        mode = self.decode_linear_mode(B, T, window, transposed, qkv)
+        if mode:  # a few rows of one token: five kernels a layer
+            x, cos, sin = x[:, 0], cos[:, 0], sin[:, 0]
+            for i, block in enumerate(self.blocks):
+                x, k_cache, v_cache = block.decode_token(x, qkv[i], cos, sin, k_cache, v_cache, pos, i, window, mode == "interpret")
+            return norm(x)[:, None], k_cache, v_cache
         for i, block in enumerate(self.blocks):  # Block.__call__, with the kernels as they are held
             fused = None if qkv is None else qkv[i]
             y, (k_cache, v_cache) = block.attn(norm(x), cos, sin, (k_cache, v_cache, pos, i, window, transposed, fused))
@@ -488,6 +507,16 @@ class GPT(nnx.Module):
             h = jnp.square(jax.nn.relu(dense(block.mlp.c_fc, norm(x), transposed)))  # MLP.__call__
             x = constrain(x + dense(block.mlp.c_proj, h, transposed), "batch", None, None)
         return norm(x), k_cache, v_cache
+
+    def decode_linear_mode(self, B, T, window, transposed, qkv):
+        """Whether decode runs Block.decode_token (kernels.decode_linear and decode_attention) for B rows of T tokens:
+        one token, at most kernels.DECODE_GEMV_ROWS rows, the engine's weights, where the kernels run."""
+        c = self.config
+        D, Dh, F = c.n_embd, c.head_dim, 4 * c.n_embd
+        shapes = (((c.n_head + 2 * c.n_kv_head) * Dh, D), (D, c.n_head * Dh), (F, D), (D, F))
+        return kernel_mode(T == 1 and B <= pallas.DECODE_GEMV_ROWS and transposed and qkv is not None
+                           and pallas.decode_attention_supported(Dh, window)
+                           and all(pallas.decode_linear_supported(*s) for s in shapes))
 
     def fused_qkv(self, dtype):
         """decode's qkv: per layer, [c_q; c_k; c_v] transposed, ((H + 2K) Dh, D), in dtype."""

@@ -79,21 +79,26 @@ def test_device_loop_equals_host_loop(engine):
         assert all(m == [1] * len(r) for r, m in zip(results, masks))
 
 
-def test_decode_attention_kernel_gives_the_same_tokens(model, engine, monkeypatch):
-    """With kernels.decode_attention over the cache (here in Pallas's interpreter, on a GPU as Triton) the engine
-    decodes the tokens of XLA's attention, greedy and sampled, prompts of different lengths in one batch."""
+@pytest.mark.parametrize("gemv_rows", [0, 8])
+def test_decode_kernels_give_the_same_tokens(model, engine, monkeypatch, gemv_rows):
+    """With kernels.decode_attention over the cache, and (gemv_rows 8) kernels.decode_linear for the products (here
+    in Pallas's interpreter, on a GPU as Triton) the engine decodes the tokens of XLA's path, greedy and sampled,
+    prompts of different lengths in one batch; the kernels are traced for the batch sizes they are set for."""
     from nanochat_jax import kernels
     prompts = [PROMPT, PROMPT[:3], [256, *b"What is the capital of France?"]]
     kwargs = [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)]
     expected = [engine.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs]
     monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "DECODE_GEMV_ROWS", gemv_rows)
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
-    with_kernel = Engine(model, BYTES)  # a fresh engine: its jitted steps trace the kernel
+    with_kernel = Engine(model, BYTES)  # a fresh engine: its jitted steps trace the kernels
     step = lambda rows: str(jax.make_jaxpr(lambda s, k, v: with_kernel.decode(s, jnp.zeros((rows, 1), jnp.int32), k, v, jnp.arange(rows) + 3, 16))(
         with_kernel.state, *with_kernel.new_cache(rows)))
-    assert "decode_attention" in step(2)
+    assert step(2).count("name=decode_attention") == CONFIG.n_layer
+    assert step(2).count("name=decode_linear") == (4 * CONFIG.n_layer if gemv_rows else 0)
+    assert step(16).count("name=decode_linear") == 0  # more rows than DECODE_GEMV_ROWS: XLA's products
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 4)  # used from this many rows up: XLA's attention below
-    assert "decode_attention" not in step(2) and "decode_attention" in step(4)
+    assert ("decode_attention" in step(2)) == bool(gemv_rows) and "decode_attention" in step(4)
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
     assert [with_kernel.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs] == expected
 

@@ -134,43 +134,66 @@ def random_caches(key, L, B, S, K, Dh, dtype):
     return tuple(jax.random.normal(k[i], (L, B, S, K, Dh)).astype(dtype) for i in range(2))
 
 
+def decode_inputs(pos, H, K, Dh, dtype, L=3, R=None, S=64, seed=7):
+    """A fused QKV product per row, the rotary tables of its position, and caches of R >= len(pos) rows."""
+    from nanochat_jax.model import rotary_tables
+    keys = jax.random.split(jax.random.key(seed), 2)
+    qkv = jax.random.normal(keys[0], (len(pos), (H + 2 * K) * Dh)).astype(dtype)
+    cos, sin = (t[:, 0] for t in rotary_tables(pos[:, None], Dh))
+    return (qkv, cos, sin, *random_caches(keys[1], L, R or len(pos), S, K, Dh, dtype))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("H, K", [(4, 2), (3, 3), (6, 2)])  # GQA, one query head per kv head (d20), groups of 3
 def test_decode_attention_matches_the_model_cache_path(dtype, H, K):
     """Rows at different positions of layer 1 of the caches, through a window of 32 with blocks of 16: the first
     position, the end of a block and the start of the next, the window's last position, and a row past the window
-    (which reads the whole window, as the reference's mask has it)."""
-    L, S, Dh, window, layer = 3, 64, 32, 32, 1
+    (which reads the whole window, as the reference's mask has it). The caches have a row more than the batch
+    (the scheduler's free slot), which stays as it was; the new keys and values land at pos in layer 1 only."""
+    Dh, window, layer = 32, 32, 1
     pos = jnp.array([0, 15, 16, 31, 40])
-    k_cache, v_cache = random_caches(jax.random.key(7), L, len(pos), S, K, Dh, dtype)
-    q = jax.random.normal(jax.random.key(8), (len(pos), H, Dh)).astype(dtype)
-    got = kernels.decode_attention(q, k_cache, v_cache, layer, pos, window, interpret=INTERPRET, block=16)
+    args = decode_inputs(pos, H, K, Dh, dtype, R=len(pos) + 1)
+    y, k_cache, v_cache = kernels.decode_attention(*args, layer, pos, window, interpret=INTERPRET, block=16)
     with jax.default_matmul_precision("float32"):  # no TF32 in the reference on a GPU
-        want = kernels.decode_attention_reference(q, k_cache, v_cache, layer, pos, window)
-    assert got.dtype == dtype and got.shape == q.shape
-    assert rel_err(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)  # bf16: the reference rounds its probabilities
+        want_y, want_k, want_v = kernels.decode_attention_reference(*args, layer, pos, window)
+    assert y.dtype == dtype and y.shape == (len(pos), H, Dh)
+    assert rel_err(y, want_y) < (1e-5 if dtype == jnp.float32 else 1e-2)  # bf16: the reference rounds its probabilities
+    written = np.zeros(k_cache.shape[:3], bool)
+    written[layer, np.arange(len(pos)), pos] = True
+    for got, want, before in ((k_cache, want_k, args[3]), (v_cache, want_v, args[4])):
+        np.testing.assert_array_equal(np.asarray(got)[~written], np.asarray(before)[~written])
+        assert rel_err(np.asarray(got)[written], np.asarray(want)[written]) < (1e-5 if dtype == jnp.float32 else 1e-2)
 
 
 def test_decode_attention_reads_only_its_layer_up_to_pos():
-    """Garbage in the positions past each row's pos and in the other layers changes nothing."""
-    L, B, S, K, H, Dh, window, layer = 3, 3, 64, 2, 4, 32, 64, 2
+    """Garbage in the positions from each row's pos on (the new key comes from the product, not the cache) and in
+    the other layers changes nothing."""
+    H, K, Dh, window, layer = 4, 2, 32, 64, 2
     pos = jnp.array([0, 20, 47])
-    k_cache, v_cache = random_caches(jax.random.key(9), L, B, S, K, Dh, jnp.float32)
-    q = jax.random.normal(jax.random.key(10), (B, H, Dh))
-    filled = (jnp.arange(L)[:, None, None] == layer) & (jnp.arange(S)[None, None, :] <= pos[None, :, None])  # (L, B, S)
+    qkv, cos, sin, k_cache, v_cache = decode_inputs(pos, H, K, Dh, jnp.float32, seed=9)
+    L, B, S = k_cache.shape[:3]
+    filled = (jnp.arange(L)[:, None, None] == layer) & (jnp.arange(S)[None, None, :] < pos[None, :, None])  # (L, B, S)
     garbage = lambda c: jnp.where(filled[..., None, None], c, 1e4)
-    attend = lambda k, v: kernels.decode_attention(q, k, v, layer, pos, window, interpret=INTERPRET, block=16)
+    attend = lambda k, v: kernels.decode_attention(qkv, cos, sin, k, v, layer, pos, window, interpret=INTERPRET, block=16)[0]
     np.testing.assert_array_equal(attend(garbage(k_cache), garbage(v_cache)), attend(k_cache, v_cache))
 
 
-def test_decode_attention_lowers_to_one_triton_call_on_the_whole_caches():
-    """At d20's shapes (20 layers, 10 heads of 128, a 2048-token cache, window 256), batch 1 and 32, and with
-    groups of 5 query heads: one Triton call per layer, and no slice of the caches before it (XLA would copy it)."""
+def test_decode_kernels_lower_to_one_triton_call_each_on_the_whole_caches():
+    """At d20's shapes (20 layers, 10 heads of 128, a 2048-token cache, window 256; its four products), batch 1, 8
+    and 32, and with groups of 5 query heads: one Triton call per kernel, no slice of the caches before the
+    attention (XLA would copy it), and the caches aliased to its outputs (written in place)."""
     S = jax.ShapeDtypeStruct
     for B, H, K in ((1, 10, 10), (32, 10, 10), (4, 10, 2)):
-        q, cache, pos = S((B, H, 128), jnp.bfloat16), S((20, B, 2048, K, 128), jnp.bfloat16), S((B,), jnp.int32)
-        text = lower_for_cuda(lambda q, k, v, pos: kernels.decode_attention(q, k, v, 7, pos, 256), q, cache, cache, pos)
-        assert text.count("xla.gpu.triton") == 1 and "slice" not in text
+        qkv, cs = S((B, (H + 2 * K) * 128), jnp.bfloat16), S((B, 64), jnp.bfloat16)
+        cache, pos = S((20, B, 2048, K, 128), jnp.bfloat16), S((B,), jnp.int32)
+        attend = lambda qkv, c, s, k, v, pos: kernels.decode_attention(qkv, c, s, k, v, 7, pos, 256)
+        text = lower_for_cuda(attend, qkv, cs, cs, cache, cache, pos)
+        assert text.count("xla.gpu.triton") == 1 and "slice" not in text and "output_operand_alias" in text
+    for B in (1, 8):
+        for N, K in ((3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120)):
+            x, w, res = S((B, K), jnp.bfloat16), S((N, K), jnp.bfloat16), S((B, N), jnp.bfloat16)
+            assert triton_calls(lambda x, w: kernels.decode_linear(x, w, norm=True, relu2=True), x, w) == 1
+            assert triton_calls(lambda x, w, r: kernels.decode_linear(x, w, residual=r), x, w, res) == 1
 
 
 def test_decode_attention_supported_is_what_triton_lowers():
@@ -179,16 +202,50 @@ def test_decode_attention_supported_is_what_triton_lowers():
     S = jax.ShapeDtypeStruct
 
     def lowers(Dh, window, block):
-        q, cache, pos = S((2, 4, Dh), jnp.bfloat16), S((2, 2, 512, 2, Dh), jnp.bfloat16), S((2,), jnp.int32)
-        attend = lambda q, k, v, pos: kernels.decode_attention(q, k, v, 1, pos, window, block=block)
+        qkv, cs = S((2, 8 * Dh), jnp.bfloat16), S((2, Dh // 2), jnp.bfloat16)
+        cache, pos = S((2, 2, 512, 2, Dh), jnp.bfloat16), S((2,), jnp.int32)
+        attend = lambda qkv, c, s, k, v, pos: kernels.decode_attention(qkv, c, s, k, v, 1, pos, window, block=block)
         try:
-            return triton_calls(attend, q, cache, cache, pos) == 1
+            return triton_calls(attend, qkv, cs, cs, cache, cache, pos) == 1
         except ValueError as e:
             assert "power of 2" in str(e)
             return False
     # (Dh, window, block): d20's, a window smaller than the block, a head of 96, a block of 48, a window of 24
     for case in ((128, 256, 64), (64, 16, 64), (96, 256, 64), (128, 256, 48), (128, 24, 64)):
         assert kernels.decode_attention_supported(*case) == lowers(*case), case
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("epilogue", [{}, dict(norm=True), dict(norm=True, relu2=True), dict(residual=True)])
+def test_decode_linear_matches_the_cache_path_products(dtype, epilogue):
+    """Three rows through a (96, 256) weight in tiles of (2, 64) (kernels.gemv_tiles with a small tile): the plain
+    product, with the RMSNorm before it, with ReLU² after it, and added to a residual, as the model rounds them."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (3, 256)).astype(dtype)
+    w = (0.1 * jax.random.normal(keys[1], (96, 256))).astype(dtype)
+    if epilogue.get("residual"):
+        epilogue = dict(residual=jax.random.normal(keys[2], (3, 96)).astype(dtype))
+    tiles = kernels.GEMV_TILE, kernels.GEMV_PROGRAMS
+    try:
+        kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = 128, 32
+        assert kernels.gemv_tiles(96, 256) == (2, 64)
+        got = kernels.decode_linear(x, w, interpret=INTERPRET, **epilogue)
+    finally:
+        kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = tiles
+    with jax.default_matmul_precision("float32"):
+        want = kernels.decode_linear_reference(x, w, **epilogue)
+    assert got.dtype == dtype and got.shape == (3, 96)
+    assert rel_err(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2)  # bf16: one rounding apart at most
+
+
+def test_gemv_tiles_cover_the_product_with_enough_programs():
+    """d20's four products: tiles that divide them, at least GEMV_PROGRAMS programs where the rows allow, no tile
+    over GEMV_TILE elements; none where K has no power-of-2 chunk of 16."""
+    for N, K in ((3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120)):
+        bn, bk = kernels.gemv_tiles(N, K)
+        assert N % bn == 0 and K % bk == 0 and bn * bk <= kernels.GEMV_TILE and N // bn >= kernels.GEMV_PROGRAMS
+    assert kernels.gemv_tiles(3840, 1280) == (8, 256)
+    assert kernels.gemv_tiles(64, 24) is None and not kernels.decode_linear_supported(64, 24)
 
 
 def test_mode_is_none_on_cpu_without_the_interpreter(monkeypatch):
