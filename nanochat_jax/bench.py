@@ -263,6 +263,7 @@ def bench_decode(args):
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
+    engine.STREAM_CHUNK = args.stream_chunk or engine.STREAM_CHUNK
     itemsize = jnp.dtype(model.dtype).itemsize
     param_bytes = sum(x.size * x.dtype.itemsize for x in engine.state[:engine.n_leaves])  # the fused QKV copies are read instead of these
     table_bytes = config.vocab_size * config.n_embd * itemsize  # a step reads only B rows of the embedding table
@@ -483,6 +484,7 @@ p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
                help="attention over the cache by kernels.decode_attention from this many rows up (NVIDIA GPUs; 0 always, -1 never)")
 p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
                help="batches of at most this many rows decode in five kernels a layer (kernels.decode_linear; 0 never)")
+p.add_argument("--stream-chunk", type=int, default=None, help="the host loop's device-loop steps per call (default Engine.STREAM_CHUNK)")
 p.add_argument("--gemv-tile", type=int, default=GEMV_TILE, help="kernels.decode_linear's tile, in elements")
 p.add_argument("--gemv-programs", type=int, default=GEMV_PROGRAMS, help="kernels.decode_linear's least number of programs")
 
