@@ -15,11 +15,13 @@ closes a calculator call, which the host answers before the next.
     for token in request:  # generated ids as they come; request.finish_reason is then "stop" or "length"
         ...
 """
+import os
 import queue
 import secrets
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -110,18 +112,23 @@ class Scheduler:
     def _compile_all(self):
         """Run each static shape once: prefills of every group size with prompts padded to every bucket, decode
         rounds over every window. The prefills' rows are inserted past the batch, so nothing is written, and the
-        rounds decode rows marked done, which stand still."""
+        rounds decode rows marked done, which stand still. The shapes are compiled first, all at once on a thread
+        each (XLA compiles outside the interpreter lock: a GPU host's cores compile side by side); running them
+        then only traces."""
         sizes, n = [], 16
         while (b := self.engine.bucket(n)) not in sizes:
             sizes.append(b)
             n *= 2
-        for size in sizes:
-            for rows in self._group_sizes():
-                dummy = Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)
-                self._prefill([dummy] * rows, slots=[self.slots] * rows)
-            for n in self._step_rows():
-                for mode in (None, self.STATIC_MODE):
-                    self._round([None] * n, 1, size, mode)
+        prefills = [[Request([0] * min(size, self.engine.max_len - 1), 1, 1.0, 50, 1.0, 0)] * rows
+                    for size in sizes for rows in self._group_sizes()]
+        rounds = [([None] * n, 1, size, mode) for size in sizes for n in self._step_rows() for mode in (None, self.STATIC_MODE)]
+        calls = [self._prefill_call(group) for group in prefills] + [self._round_call(*r) for r in rounds]
+        with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 1)) as pool:  # list(): a failed compile raises here
+            list(pool.map(lambda call: call[0].lower(*call[1], **call[2]).compile(), calls))
+        for group in prefills:
+            self._prefill(group, slots=[self.slots] * len(group))
+        for r in rounds:
+            self._round(*r)
 
     def _step_rows(self):
         """The row counts a decode round runs: powers of four below slots, and slots."""
@@ -179,9 +186,9 @@ class Scheduler:
                 self.stats["prefill_sizes"][len(group)] += 1
         return admitted
 
-    def _prefill(self, group, slots):
-        """Prefill the group's prompts as the rows of one call, padded to the next group size (padding rows
-        repeat the first prompt and are not inserted), and put each row's cache into its slot."""
+    def _prefill_call(self, group):
+        """(the engine's jitted prefill, its arguments, static arguments) for the group's prompts as the rows of one
+        call, padded to the next group size (padding rows repeat the first prompt)."""
         rows = next(n for n in self._group_sizes() if n >= len(group))
         padded = group + [group[0]] * (rows - len(group))
         lengths = np.array([len(r.tokens) for r in padded], np.int32)
@@ -189,9 +196,15 @@ class Scheduler:
         for i, r in enumerate(padded):
             tokens[i, :len(r.tokens)] = r.tokens
         knobs = np.array([r.knobs for r in padded], np.float64)
-        first, k_rows, v_rows = self.engine._prefill(
-            self.engine.state, tokens, lengths, np.array([r.seed for r in padded], np.int32), np.zeros(rows, np.int32),
-            knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32))
+        return self.engine._prefill, (self.engine.state, tokens, lengths, np.array([r.seed for r in padded], np.int32), np.zeros(rows, np.int32),
+                                      knobs[:, 0].astype(np.float32), knobs[:, 1].astype(np.int32), knobs[:, 2].astype(np.float32)), {}
+
+    def _prefill(self, group, slots):
+        """Prefill the group's prompts in one call (_prefill_call) and put each row's cache into its slot; padding
+        rows are not inserted."""
+        fn, args, static = self._prefill_call(group)
+        first, k_rows, v_rows = fn(*args, **static)
+        rows = len(args[1])
         targets = np.array(list(slots) + [self.slots] * (rows - len(group)), np.int32)  # past the batch: dropped
         self.k, self.v = self.engine._insert(self.k, self.v, k_rows, v_rows, targets)
         first = np.asarray(first)
@@ -231,6 +244,12 @@ class Scheduler:
         """Run the device loop for up to limit steps over the first len(entries) rows (None: a free row, which
         stands still); returns the loop's final state. window None: one that covers every step of the round;
         mode False: the one these rows' knobs need."""
+        fn, args, static = self._round_call(entries, limit, window, mode)
+        self.k, self.v, c = fn(*args, **static)
+        return c
+
+    def _round_call(self, entries, limit, window=None, mode=False):
+        """(the engine's jitted device loop, its arguments, static arguments) for a round (_round)."""
         n, engine = len(entries), self.engine
         rows = [entry or self.FREE for entry in entries]
         forced = np.zeros((n, engine.FORCED), np.int32)  # a row's forced tokens fit: Engine.tool_output checks
@@ -246,8 +265,7 @@ class Scheduler:
                  done=np.array([entry is None for entry in entries]), base=np.array([r.generated for r, _ in rows], np.int32),
                  in_python=np.array([row.in_python for _, row in rows]), n_forced=np.array([len(row.forced) for _, row in rows], np.int32))
         seeds = np.array([r.seed for r, _ in rows], np.int32)
-        self.k, self.v, c = engine._loop(engine.state, self.k, self.v, c, seeds, np.zeros(n, np.int32), *knobs, window=window, mode=mode)
-        return c
+        return engine._loop, (engine.state, self.k, self.v, c, seeds, np.zeros(n, np.int32), *knobs), dict(window=window, mode=mode)
 
     def _emit(self, i, token, pos):
         """Hand row i its next token, which was fed at pos (the calculator's state machine sees it, and forces

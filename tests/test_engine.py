@@ -38,16 +38,17 @@ def test_greedy_engine_equals_naive_recompute(model, engine):
 
 def test_prefill_then_decode_equals_one_forward(model):
     """Cached logits at every position equal the full forward's, whatever the attention window."""
-    x = jnp.asarray([PROMPT + [65, 66, 67]], jnp.int32)  # (1, 15)
-    full = model(x)
-    decode = jax.jit(model.decode, static_argnames="window")
-    c = CONFIG
-    k = v = jnp.zeros((c.n_layer, 1, c.sequence_len, c.n_kv_head, c.head_dim))
-    h, k, v = decode(x[:, :12], k, v, jnp.array([0]), window=16)
-    np.testing.assert_allclose(model.logits(h), full[:, :12], atol=1e-5)
-    for t, window in zip(range(12, 15), (16, 32, 64)):
-        h, k, v = decode(x[:, t:t + 1], k, v, jnp.array([t]), window=window)
-        np.testing.assert_allclose(model.logits(h[:, 0]), full[:, t], atol=1e-5)
+    with jax.default_matmul_precision("float32"):  # on a GPU, XLA's fp32 products would otherwise round to TF32
+        x = jnp.asarray([PROMPT + [65, 66, 67]], jnp.int32)  # (1, 15)
+        full = model(x)
+        decode = jax.jit(model.decode, static_argnames="window")
+        c = CONFIG
+        k = v = jnp.zeros((c.n_layer, 1, c.sequence_len, c.n_kv_head, c.head_dim))
+        h, k, v = decode(x[:, :12], k, v, jnp.array([0]), window=16)
+        np.testing.assert_allclose(model.logits(h), full[:, :12], atol=1e-5)
+        for t, window in zip(range(12, 15), (16, 32, 64)):
+            h, k, v = decode(x[:, t:t + 1], k, v, jnp.array([t]), window=window)
+            np.testing.assert_allclose(model.logits(h[:, 0]), full[:, t], atol=1e-5)
 
 
 def test_rows_at_different_positions_share_a_batch(model):
@@ -79,15 +80,26 @@ def test_device_loop_equals_host_loop(engine):
         assert all(m == [1] * len(r) for r, m in zip(results, masks))
 
 
+KERNEL_PROMPTS = [PROMPT, PROMPT[:3], [256, *b"What is the capital of France?"]]
+KERNEL_SAMPLING = [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)]
+
+
+def decode_for_kernels(engine):
+    with jax.default_matmul_precision("float32"):  # on a GPU, XLA's fp32 products would otherwise round to TF32
+        return [engine.generate_many(KERNEL_PROMPTS, num_samples=2, max_tokens=24, **kw)[0] for kw in KERNEL_SAMPLING]
+
+
+@pytest.fixture(scope="module")
+def xla_tokens(engine):
+    return decode_for_kernels(engine)
+
+
 @pytest.mark.parametrize("gemv_rows", [0, 8])
-def test_decode_kernels_give_the_same_tokens(model, engine, monkeypatch, gemv_rows):
+def test_decode_kernels_give_the_same_tokens(model, xla_tokens, monkeypatch, gemv_rows):
     """With kernels.decode_attention over the cache, and (gemv_rows 8) kernels.decode_linear for the products (here
     in Pallas's interpreter, on a GPU as Triton) the engine decodes the tokens of XLA's path, greedy and sampled,
     prompts of different lengths in one batch; the kernels are traced for the batch sizes they are set for."""
     from nanochat_jax import kernels
-    prompts = [PROMPT, PROMPT[:3], [256, *b"What is the capital of France?"]]
-    kwargs = [dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)]
-    expected = [engine.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs]
     monkeypatch.setenv("NANOCHAT_JAX_PALLAS_INTERPRET", "1")
     monkeypatch.setattr(kernels, "DECODE_GEMV_ROWS", gemv_rows)
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
@@ -100,7 +112,7 @@ def test_decode_kernels_give_the_same_tokens(model, engine, monkeypatch, gemv_ro
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 4)  # used from this many rows up: XLA's attention below
     assert ("decode_attention" in step(2)) == bool(gemv_rows) and "decode_attention" in step(4)
     monkeypatch.setattr(kernels, "DECODE_ATTENTION_ROWS", 1)
-    assert [with_kernel.generate_many(prompts, num_samples=2, max_tokens=24, **kw)[0] for kw in kwargs] == expected
+    assert decode_for_kernels(with_kernel) == xla_tokens
 
 
 def test_seeded_sampling_is_reproducible_and_samples_differ(engine):
