@@ -112,9 +112,9 @@ class Scheduler:
     def _compile_all(self):
         """Run each static shape once: prefills of every group size with prompts padded to every bucket, decode
         rounds over every window. The prefills' rows are inserted past the batch, so nothing is written, and the
-        rounds decode rows marked done, which stand still. The shapes are compiled first, all at once on a thread
-        each (XLA compiles outside the interpreter lock: a GPU host's cores compile side by side); running them
-        then only traces."""
+        rounds decode rows marked done, which stand still. The shapes are compiled first, side by side on a pool
+        of threads (XLA compiles outside the interpreter lock: a GPU host has 16 cores or more); running them then
+        finds them compiled."""
         sizes, n = [], 16
         while (b := self.engine.bucket(n)) not in sizes:
             sizes.append(b)
@@ -204,7 +204,7 @@ class Scheduler:
         rows are not inserted."""
         fn, args, static = self._prefill_call(group)
         first, k_rows, v_rows = fn(*args, **static)
-        rows = len(args[1])
+        rows = len(args[1])  # the group padded: args[1] is the tokens (rows, bucket)
         targets = np.array(list(slots) + [self.slots] * (rows - len(group)), np.int32)  # past the batch: dropped
         self.k, self.v = self.engine._insert(self.k, self.v, k_rows, v_rows, targets)
         first = np.asarray(first)
