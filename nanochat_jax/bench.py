@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
-from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -246,6 +246,25 @@ def bench_data(args):
         print(f"threads {threads}: {args.batches * args.batch_size * args.seq_len / dt:,.0f} tokens/s ({dt / args.batches * 1000:.1f} ms/batch)")
 
 
+def add_decode_kernel_flags(p):
+    """The engine's decode kernels (kernels.py; NVIDIA GPUs), for decode and serve."""
+    p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
+                   help="attention over the cache by kernels.decode_attention from this many rows up (0 always, -1 never)")
+    p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
+                   help="batches of at most this many rows decode in five kernels a layer (kernels.decode_linear; 0 never)")
+    p.add_argument("--gemv-tile", type=int, default=GEMV_TILE, help="kernels.decode_linear's tile, in elements")
+    p.add_argument("--gemv-programs", type=int, default=GEMV_PROGRAMS, help="kernels.decode_linear's least number of programs")
+    p.add_argument("--gemv-weights-first", action="store_true", help="kernels.decode_linear loads its weight tiles before x")
+    p.add_argument("--decode-block", type=int, default=DECODE_BLOCK, help="kernels.decode_attention's keys per loop step")
+
+
+def set_decode_kernels(args):
+    from nanochat_jax import kernels
+    kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
+    kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
+    kernels.GEMV_WEIGHTS_FIRST, kernels.DECODE_BLOCK = args.gemv_weights_first, args.decode_block
+
+
 def bench_decode(args):
     """Time to first token, per-step latency, tokens/s and MBU of the KV-cache engine (random weights),
     sampling at temperature 1 with top-k 50 (the chat default).
@@ -257,9 +276,7 @@ def bench_decode(args):
     from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import Tokenizer
-    from nanochat_jax import kernels
-    kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
-    kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
+    set_decode_kernels(args)
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     engine = Engine(model, Tokenizer.placeholder(args.vocab_size))
@@ -348,6 +365,7 @@ def bench_serve(args):
     model = GPT(config, dtype=backend_settings()["dtype"], rngs=nnx.Rngs(0))
     tokenizer = Tokenizer.placeholder(args.vocab_size)
     t0 = time.perf_counter()
+    set_decode_kernels(args)
     scheduler = Scheduler(Engine(model, tokenizer), slots=args.slots, warmup=args.warmup, prefill_rows=args.prefill_rows, chunk=args.chunk)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = make_server("127.0.0.1", 0, create_app(scheduler, tokenizer, max_tokens=args.max_tokens), threaded=True)
@@ -480,13 +498,8 @@ p.add_argument("--temperature", type=float, default=1.0)
 p.add_argument("--top-k", type=int, default=50, help="the chat default")
 p.add_argument("--profile", type=str, default=None, metavar="DIR", help="trace 10 decode steps per batch size into DIR, print GPU time by kernel")
 p.add_argument("--profile-top", type=int, default=15, help="kernels listed by --profile")
-p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
-               help="attention over the cache by kernels.decode_attention from this many rows up (NVIDIA GPUs; 0 always, -1 never)")
-p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
-               help="batches of at most this many rows decode in five kernels a layer (kernels.decode_linear; 0 never)")
+add_decode_kernel_flags(p)
 p.add_argument("--stream-chunk", type=int, default=None, help="the host loop's device-loop steps per call (default Engine.STREAM_CHUNK)")
-p.add_argument("--gemv-tile", type=int, default=GEMV_TILE, help="kernels.decode_linear's tile, in elements")
-p.add_argument("--gemv-programs", type=int, default=GEMV_PROGRAMS, help="kernels.decode_linear's least number of programs")
 
 p = sub.add_parser("serve", help="the chat server under web.loadtest, on random weights")
 p.add_argument("--depth", type=int, default=20)
@@ -501,6 +514,7 @@ p.add_argument("--temperature", type=float, default=0.8)
 p.add_argument("--repeats", type=int, default=3, help="timed runs per client count")
 p.add_argument("--warmup", action="store_true", help="compile every shape first, as web.server does (minutes at d20); without it "
                "the untimed run before each client count compiles the shapes it meets")
+add_decode_kernel_flags(p)
 
 p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")
 p.add_argument("--depth", type=int, default=20)

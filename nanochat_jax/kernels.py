@@ -387,20 +387,20 @@ def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y
         y_ref[b, j * group + g, pl.ds(d, d)] = ((a2 * alpha + p * v2) / l).astype(y_ref.dtype)
 
 
-DECODE_BLOCK = 64  # keys per loop step, at most the window
+DECODE_BLOCK = 64  # keys per loop step, at most the window (bench decode --decode-block)
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
 # bench decode --decode-kernel-rows), and always with decode_linear. One H100, d20, a 256-position window, a step
 # against XLA's attention: 32 rows 1.31 / 1.50 ms, 128 rows 2.38 / 2.62.
 DECODE_ATTENTION_ROWS = 32
 
 
-def decode_attention_supported(Dh, window, block=DECODE_BLOCK):
+def decode_attention_supported(Dh, window, block=None):
     """Triton loads powers of 2: half a head (Dh/2,) and a block of keys (block, Dh/2), blocks tiling the window."""
-    block = min(block, window)
+    block = min(block or DECODE_BLOCK, window)
     return Dh & (Dh - 1) == 0 and Dh >= 2 and block & (block - 1) == 0 and window % block == 0
 
 
-def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=DECODE_BLOCK):
+def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=None):
     """decode_attention_reference in one kernel, one program per (row, kv head): B * K programs, each reading its
     kv head of `layer` straight from the full caches (L, R, S, K, Dh), positions 0..pos[b] only, fp32 inside, and
     writing its new key and value into the caches in place (aliased: the caller's are donated) and its H // K query
@@ -408,7 +408,7 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interp
     B = qkv.shape[0]
     K, Dh = k_cache.shape[3:]
     H = qkv.shape[1] // Dh - 2 * K
-    block = min(block, window)
+    block = min(block or DECODE_BLOCK, window)
     # no BlockSpecs: every input is passed whole, so XLA copies no slice of the caches before the call
     return pl.pallas_call(
         partial(_decode_attention_kernel, layer=layer, window=window, block=block),
@@ -428,14 +428,17 @@ def decode_linear_reference(x, w, norm=False, relu2=False, residual=None):
     return y if residual is None else residual + y
 
 
-def _gemv_kernel(x_ref, w_ref, *rest, bn, bk, norm, relu2):
+def _gemv_kernel(x_ref, w_ref, *rest, bn, bk, norm, relu2, weights_first):
     """BN outputs of every row: the weight's (BN, K) rows streamed in (BN, BK) tiles, each loaded once for all
     rows (few: one at a time, multiplies and sums on the CUDA cores; a tensor-core dot needs 16). The loops are
-    Python loops, unrolled, so every tile's load can be issued before the first sum waits on it."""
+    Python loops, unrolled, so every tile's load can be issued before the first sum waits on it. weights_first:
+    write every tile's load before x's loads and the norm's sums, which they do not wait on."""
     residual_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     (B, K), dtype = x_ref.shape, x_ref.dtype
     cols = pl.ds(pl.program_id(0) * bn, bn)
     chunks = [pl.ds(i * bk, bk) for i in range(K // bk)]
+    load_w = lambda ch: plgpu.load(w_ref.at[cols, ch], eviction_policy="evict_first")  # read once: keep x in L2
+    ws = [load_w(ch) for ch in chunks] if weights_first else None
     xs = [[x_ref[b, ch] for ch in chunks] for b in range(B)]
     if norm:  # RMSNorm each row in fp32 and round it to the compute dtype, as model.norm does, before the product
         for b in range(B):
@@ -443,7 +446,7 @@ def _gemv_kernel(x_ref, w_ref, *rest, bn, bk, norm, relu2):
             xs[b] = [(x.astype(jnp.float32) * r).astype(dtype) for x in xs[b]]
     acc = [jnp.zeros((bn,), jnp.float32) for _ in range(B)]
     for i, ch in enumerate(chunks):
-        w = plgpu.load(w_ref.at[cols, ch], eviction_policy="evict_first").astype(jnp.float32)  # read once: keep x in L2
+        w = (ws[i] if weights_first else load_w(ch)).astype(jnp.float32)
         acc = [a + jnp.sum(w * xs[b][i].astype(jnp.float32)[None, :], axis=1) for b, a in enumerate(acc)]
     for b in range(B):
         y = acc[b].astype(dtype).astype(jnp.float32)  # the product's rounding, then the epilogue's
@@ -464,6 +467,7 @@ GEMV_TILE, GEMV_PROGRAMS = 4096, 256
 # d20, a step against XLA's path: 1 row 0.89 / 1.06 ms, 2 rows 0.99 / 1.25, 4 rows 1.20 / 1.23, 8 rows 2.26 / 1.22
 # (each row's sums are separate CUDA-core work: from 8 rows on cuBLAS's GEMMs win).
 DECODE_GEMV_ROWS = 4
+GEMV_WEIGHTS_FIRST = False  # _gemv_kernel's weights_first (bench decode --gemv-weights-first): not timed yet
 
 
 def gemv_tiles(N, K, tile=None, programs=None):
@@ -489,7 +493,7 @@ def decode_linear(x, w, norm=False, relu2=False, residual=None, interpret=False)
     bn, bk = gemv_tiles(N, K)
     args = (x, w) if residual is None else (x, w, residual)
     return pl.pallas_call(
-        partial(_gemv_kernel, bn=bn, bk=bk, norm=norm, relu2=relu2),
+        partial(_gemv_kernel, bn=bn, bk=bk, norm=norm, relu2=relu2, weights_first=GEMV_WEIGHTS_FIRST),
         out_shape=jax.ShapeDtypeStruct((B, N), x.dtype), grid=(N // bn,),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret, name="decode_linear")(*args)

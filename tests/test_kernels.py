@@ -219,19 +219,22 @@ def test_decode_attention_supported_is_what_triton_lowers():
 @pytest.mark.parametrize("epilogue", [{}, dict(norm=True), dict(norm=True, relu2=True), dict(residual=True)])
 def test_decode_linear_matches_the_cache_path_products(dtype, epilogue):
     """Three rows through a (96, 256) weight in tiles of (2, 64) (kernels.gemv_tiles with a small tile): the plain
-    product, with the RMSNorm before it, with ReLU² after it, and added to a residual, as the model rounds them."""
+    product, with the RMSNorm before it, with ReLU² after it, and added to a residual, as the model rounds them;
+    the same numbers with the weight tiles loaded first (GEMV_WEIGHTS_FIRST)."""
     keys = jax.random.split(jax.random.key(3), 3)
     x = jax.random.normal(keys[0], (3, 256)).astype(dtype)
     w = (0.1 * jax.random.normal(keys[1], (96, 256))).astype(dtype)
     if epilogue.get("residual"):
         epilogue = dict(residual=jax.random.normal(keys[2], (3, 96)).astype(dtype))
-    tiles = kernels.GEMV_TILE, kernels.GEMV_PROGRAMS
+    settings = kernels.GEMV_TILE, kernels.GEMV_PROGRAMS, kernels.GEMV_WEIGHTS_FIRST
     try:
         kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = 128, 32
         assert kernels.gemv_tiles(96, 256) == (2, 64)
         got = kernels.decode_linear(x, w, interpret=INTERPRET, **epilogue)
+        kernels.GEMV_WEIGHTS_FIRST = not kernels.GEMV_WEIGHTS_FIRST
+        np.testing.assert_array_equal(kernels.decode_linear(x, w, interpret=INTERPRET, **epilogue), got)
     finally:
-        kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = tiles
+        kernels.GEMV_TILE, kernels.GEMV_PROGRAMS, kernels.GEMV_WEIGHTS_FIRST = settings
     with jax.default_matmul_precision("float32"):
         want = kernels.decode_linear_reference(x, w, **epilogue)
     assert got.dtype == dtype and got.shape == (3, 96)
