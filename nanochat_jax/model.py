@@ -338,29 +338,31 @@ class CausalSelfAttention(nnx.Module):
         B, T, _ = x.shape
         k_cache, v_cache, pos, layer, window, transposed, qkv = cache  # caches (L, R, S, K, Dh) for all layers, updated in place
         H, K, Dh = self.n_head, self.n_kv_head, self.head_dim
-        rows = pallas.DECODE_ATTENTION_ROWS
-        mode = kernel_mode(rows is not None and B >= rows and T == 1 and qkv is not None and pallas.decode_attention_supported(Dh, window))
-        if mode:  # one kernel per layer for RoPE, QK norm, the cache write and attention, instead of XLA's ~15
-            y, k_cache, v_cache = pallas.decode_attention(jnp.einsum("bi,oi->bo", x[:, 0], qkv.astype(x.dtype)), cos[:, 0], sin[:, 0],
-                                                          k_cache, v_cache, layer, pos, window, mode == "interpret")
-            return dense(self.c_proj, y.reshape(B, T, H * Dh), transposed), (k_cache, v_cache)
         if qkv is None:
             q, k, v = (dense(lin, x, transposed) for lin in (self.c_q, self.c_k, self.c_v))
+            fused = None
         else:  # c_q, c_k and c_v's kernels as one transposed matrix: one product reads all three
-            q, k, v = jnp.split(jnp.einsum("...i,oi->...o", x, qkv.astype(x.dtype)), [H * Dh, (H + K) * Dh], axis=-1)
-        q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
-        # x is rows 0..B-1 of the cache's R >= B (the scheduler decodes only the rows in use); row b's tokens land
-        # at pos[b].. (one scatter, in place: what a vmapped dynamic_update_slice becomes)
-        where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
-        write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
-        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
-        # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
-        keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
-        # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
-        mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
-        y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
-        return dense(self.c_proj, y.reshape(B, T, self.n_head * self.head_dim), transposed), (k_cache, v_cache)
+            fused = jnp.einsum("...i,oi->...o", x, qkv.astype(x.dtype))  # (B, T, (H + 2K) Dh)
+            q, k, v = jnp.split(fused, [H * Dh, (H + K) * Dh], axis=-1)
+        rows = pallas.DECODE_ATTENTION_ROWS
+        mode = kernel_mode(rows is not None and B >= rows and T == 1 and fused is not None and pallas.decode_attention_supported(Dh, window))
+        if mode:  # one kernel per layer for RoPE, QK norm, the cache write and attention, instead of XLA's ~15
+            y, k_cache, v_cache = pallas.decode_attention(fused[:, 0], cos[:, 0], sin[:, 0], k_cache, v_cache, layer, pos, window,
+                                                          mode == "interpret")
+        else:
+            q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
+            q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
+            # x is rows 0..B-1 of the cache's R >= B (the scheduler decodes only the rows in use); row b's tokens land
+            # at pos[b].. (one scatter, in place: what a vmapped dynamic_update_slice becomes)
+            where = (layer, jnp.arange(B)[:, None], pos[:, None] + jnp.arange(T)[None, :])
+            write = lambda c, new: c.at[where].set(new.astype(c.dtype), mode="clip", unique_indices=True)
+            k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+            # attend over the first `window` positions only: decoding reads what is filled, not the whole cache
+            keys, values = k_cache[layer, :B, :window].astype(q.dtype), v_cache[layer, :B, :window].astype(q.dtype)  # (B, W, K, Dh)
+            # query t of row b sits at pos[b] + t and sees keys 0..pos[b] + t: is_causal would align it at 0
+            mask = jnp.arange(window)[None, None, :] <= (pos[:, None] + jnp.arange(T)[None, :])[:, :, None]  # (B, T, W)
+            y = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="xla")
+        return dense(self.c_proj, y.reshape(B, T, H * Dh), transposed), (k_cache, v_cache)
 
     def with_suffixes(self, xp, cos_p, sin_p, xs, cos_s, sin_s, mask):
         """Attention for prefixes xp (B, P, D), causal as in __call__ (the same kernel), and for suffix tokens
