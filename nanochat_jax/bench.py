@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
-from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.engine import Engine
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.sharding import global_batch, make_mesh
@@ -247,7 +248,9 @@ def bench_data(args):
 
 
 def add_decode_kernel_flags(p):
-    """The engine's decode kernels (kernels.py; NVIDIA GPUs), for decode and serve."""
+    """The engine's device loop and decode kernels (kernels.py; NVIDIA GPUs), for decode and serve."""
+    p.add_argument("--check-every", type=int, default=Engine.CHECK_EVERY,
+                   help="device-loop steps between reads of its condition (Engine.CHECK_EVERY)")
     p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
                    help="attention over the cache by kernels.decode_attention from this many rows up (0 always, -1 never)")
     p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
@@ -255,6 +258,7 @@ def add_decode_kernel_flags(p):
     p.add_argument("--gemv-tile", type=int, default=GEMV_TILE, help="kernels.decode_linear's tile, in elements")
     p.add_argument("--gemv-programs", type=int, default=GEMV_PROGRAMS, help="kernels.decode_linear's least number of programs")
     p.add_argument("--gemv-weights-first", action="store_true", help="kernels.decode_linear loads its weight tiles before x")
+    p.add_argument("--gemv-warps", type=int, default=GEMV_WARPS, help="kernels.decode_linear's warps per program")
     p.add_argument("--decode-block", type=int, default=DECODE_BLOCK, help="kernels.decode_attention's keys per loop step")
 
 
@@ -262,7 +266,8 @@ def set_decode_kernels(args):
     from nanochat_jax import kernels
     kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
     kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
-    kernels.GEMV_WEIGHTS_FIRST, kernels.DECODE_BLOCK = args.gemv_weights_first, args.decode_block
+    kernels.GEMV_WEIGHTS_FIRST, kernels.DECODE_BLOCK, kernels.GEMV_WARPS = args.gemv_weights_first, args.decode_block, args.gemv_warps
+    Engine.CHECK_EVERY = args.check_every
 
 
 def bench_decode(args):
@@ -273,7 +278,6 @@ def bench_decode(args):
     device: Engine.generate_batch, the whole decode in one lax.while_loop; only the total is observable, so
           the step is (total - prefill) / steps, both medians, with the prefill (Engine._start) timed on its own."""
     from flax import nnx
-    from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import Tokenizer
     set_decode_kernels(args)
@@ -356,7 +360,6 @@ def bench_serve(args):
     import threading
     from flax import nnx
     from werkzeug.serving import make_server
-    from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.scheduler import Scheduler
     from nanochat_jax.tokenizer import Tokenizer
@@ -393,7 +396,6 @@ def bench_evals(args):
     from flax import nnx
     from evals.chat_eval import evaluate_chat
     from evals.core import evaluate_core
-    from nanochat_jax.engine import Engine
     from nanochat_jax.model import GPT
     from nanochat_jax.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
@@ -417,7 +419,6 @@ def bench_evals(args):
 
 def bench_rl(args):
     from flax import nnx
-    from nanochat_jax.engine import Engine
     from nanochat_jax.rl import QuestionBatches, longest_prompt, train_on_rollouts
     from nanochat_jax.tasks.gsm8k import GSM8K
     from nanochat_jax.tasks.spellingbee import SpellingBee

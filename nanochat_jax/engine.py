@@ -172,6 +172,10 @@ class Engine:
     model's leaves come each layer's c_q, c_k and c_v as one matrix (model.fused_qkv), which decoding reads."""
 
     FORCED = 64  # room for one calculator result on the device loop (results are at most ~25 characters)
+    # device-loop steps between reads of its condition: XLA copies a while loop's condition to the host each
+    # iteration, and the GPU waits while the host reads it and launches the next; an inner loop of a known number
+    # of steps runs without that (bench decode --check-every)
+    CHECK_EVERY = 8
     TRANSPOSED = True  # hold the blocks' Linear kernels as W.T (model.dense says why)
 
     def __init__(self, model, tokenizer, max_len=None, cache_dtype=None):
@@ -263,23 +267,29 @@ class Engine:
     def _loop_fn(self, state, k, v, c, seeds, rows, *knobs, window, mode=None):
         """Decode on the device until every row stopped, c["limit"] steps in all (at most max_tokens, the width
         of c["out"]), a row closing a calculator call, which the host must answer, or a row reaching the attention
-        window, which the host then widens. Each iteration takes every live row's pending candidate (or a forced
+        window, which the host then widens. Each step takes every live row's pending candidate (or a forced
         token), records it, and feeds it to sample the next candidate. A row is done at a stop token or once the
         cache is full (the token that would go past its last position is recorded, never fed); done rows stand
         still. c["base"] (R,): tokens each row had before this carry began (the chat scheduler's rows start apart),
-        which keys its draws. The caches k, v are donated."""
+        which keys its draws. The caches k, v are donated.
+        The steps run CHECK_EVERY at a time in an inner loop of known length, which XLA runs without reading a
+        condition back; a step taken after the loop should have stopped changes nothing (see `step`)."""
         model = self.model(state)
         last = k.shape[2] - 1  # the cache's last position (the cache may be shorter than max_len)
         py_start, py_end = self.python[:2]
         stop_a, stop_b = sorted(self.stop_ids)
 
-        def cond(c):
+        def running(c):
             live = ~c["done"]
             too_far = jnp.any(live & (c["pos"] >= window)) & (window <= last)  # a wider window would serve it
             return (c["step"] < jnp.minimum(c["limit"], c["out"].shape[1])) & jnp.any(live) & ~jnp.any(c["call"]) & ~too_far
 
-        def body(c):
-            s, live = c["step"], ~c["done"]
+        def step(c):
+            # once the loop should have stopped no row is live: nothing is recorded and nothing moves. The caches
+            # still take each row's pending token at its position, which the next step that feeds it writes again
+            # before anything reads it (or a done row's position, which nothing reads)
+            go = running(c)
+            s, live = c["step"], ~c["done"] & go
             idx = jnp.minimum(c["n_used"], self.FORCED - 1)
             is_forced = c["n_used"] < c["n_forced"]
             token = jnp.where(is_forced, jnp.take_along_axis(c["forced"], idx[:, None], axis=1)[:, 0], c["candidate"])
@@ -289,13 +299,15 @@ class Engine:
             n = c["n_out"]  # a live row's draw is keyed by its token count, base + n + 1 (= s + 1 when rows start together)
             candidate = sample_next(model.logits(h[:, 0]), row_keys(seeds, rows, c["base"] + n + 1), *knobs, mode=mode)
             out = c["out"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, token, c["out"][jnp.arange(n.shape[0]), n]))
-            return dict(c, k=k, v=v, candidate=jnp.where(live, candidate, c["candidate"]), step=s + 1,
+            return dict(c, k=k, v=v, candidate=jnp.where(live, candidate, c["candidate"]), step=s + go,
                         pos=c["pos"] + live, n_out=n + live, n_used=c["n_used"] + (is_forced & live), out=out,
                         mask=c["mask"].at[jnp.arange(n.shape[0]), n].set(jnp.where(live, ~is_forced, False)),
-                        done=c["done"] | (live & ((token == stop_a) | (token == stop_b) | (c["pos"] > last))), call=ended,
+                        done=c["done"] | (live & ((token == stop_a) | (token == stop_b) | (c["pos"] > last))),
+                        call=jnp.where(go, ended, c["call"]),
                         in_python=jnp.where(live & (token == py_start), True, c["in_python"] & ~ended))
 
-        c = jax.lax.while_loop(cond, body, dict(c, k=k, v=v))
+        steps = lambda c: jax.lax.fori_loop(0, self.CHECK_EVERY, lambda _, c: step(c), c)
+        c = jax.lax.while_loop(running, steps, dict(c, k=k, v=v))
         return c.pop("k"), c.pop("v"), c
 
     # --- generation

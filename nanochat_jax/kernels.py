@@ -468,6 +468,7 @@ GEMV_TILE, GEMV_PROGRAMS = 4096, 256
 # (each row's sums are separate CUDA-core work: from 8 rows on cuBLAS's GEMMs win).
 DECODE_GEMV_ROWS = 4
 GEMV_WEIGHTS_FIRST = False  # _gemv_kernel's weights_first (bench decode --gemv-weights-first): not timed yet
+GEMV_WARPS = 4  # bench decode --gemv-warps
 
 
 def gemv_tiles(N, K, tile=None, programs=None):
@@ -495,5 +496,5 @@ def decode_linear(x, w, norm=False, relu2=False, residual=None, interpret=False)
     return pl.pallas_call(
         partial(_gemv_kernel, bn=bn, bk=bk, norm=norm, relu2=relu2, weights_first=GEMV_WEIGHTS_FIRST),
         out_shape=jax.ShapeDtypeStruct((B, N), x.dtype), grid=(N // bn,),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=GEMV_WARPS, num_stages=1),
         interpret=interpret, name="decode_linear")(*args)

@@ -231,7 +231,7 @@ TOOL_REPLY = [*b"ok ", S["<|python_start|>"], *b"6*7", S["<|python_end|>"], S["<
 
 
 @pytest.fixture(scope="module")
-def tool_engine():
+def tool_model():
     model = GPT(CONFIG, rngs=nnx.Rngs(0))
     seq = jnp.asarray([TOOL_PROMPT + TOOL_REPLY], jnp.int32)
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
@@ -245,7 +245,12 @@ def tool_engine():
     for _ in range(300):
         loss = train_step(model, optimizer)
     assert float(loss) < 0.01  # it has memorised the reply
-    return Engine(model, BYTES)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tool_engine(tool_model):
+    return Engine(tool_model, BYTES)
 
 
 def test_calculator_result_is_forced_into_the_stream(tool_engine):
@@ -268,3 +273,19 @@ def test_a_failed_calculation_forces_nothing(tool_engine):
     prompt = TOOL_PROMPT + [*b"ok ", S["<|python_start|>"], *b"6*"]
     results, masks = tool_engine.generate_batch(prompt, max_tokens=3, temperature=0.0)
     assert all(m == 1 for m in masks[0])
+
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_steps_between_condition_reads_change_no_token(tool_model, tool_engine, monkeypatch, check_every):
+    """The device loop runs Engine.CHECK_EVERY steps between reads of its condition; steps past the point where it
+    should have stopped (a stop token, a calculator call, a row reaching the window or the cache's end, the step
+    limit) change nothing, so every setting gives the default's (8) tokens and masks, on both loops. Two prompts a
+    batch: the first batch starts with a window of 16 positions and widens it twice."""
+    prompts = [PROMPT, TOOL_PROMPT, [256] + [97] * 55, PROMPT[:4]]
+    run = lambda e, **kw: (e.generate_many(prompts, num_samples=2, max_tokens=len(TOOL_REPLY) + 4, batch_size=4, **kw),
+                           list(e.generate(TOOL_PROMPT, num_samples=2, max_tokens=len(TOOL_REPLY) + 4, **kw)))
+    monkeypatch.setattr(Engine, "CHECK_EVERY", check_every)
+    engine = Engine(tool_model, BYTES)  # a fresh engine: its device loop is traced with this setting
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=5)):
+        assert run(engine, **kwargs) == run(tool_engine, **kwargs), kwargs
