@@ -44,6 +44,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
+from nanochat_jax.scheduler import Scheduler
 from nanochat_jax.sharding import global_batch, make_mesh
 from nanochat_jax.train import init_train_state, make_train_step, peak_memory_gib
 
@@ -361,7 +362,6 @@ def bench_serve(args):
     from flax import nnx
     from werkzeug.serving import make_server
     from nanochat_jax.model import GPT
-    from nanochat_jax.scheduler import Scheduler
     from nanochat_jax.tokenizer import Tokenizer
     from web.server import create_app
     config = config_for_depth(args.depth, vocab_size=args.vocab_size, sequence_len=args.max_len)
@@ -506,9 +506,9 @@ p = sub.add_parser("serve", help="the chat server under web.loadtest, on random 
 p.add_argument("--depth", type=int, default=20)
 p.add_argument("--vocab-size", type=int, default=65536)
 p.add_argument("--max-len", type=int, default=2048, help="KV cache positions")
-p.add_argument("--slots", type=int, default=32, help="web.server --slots")
-p.add_argument("--prefill-rows", type=int, default=8, help="web.server --prefill-rows")
-p.add_argument("--chunk", type=int, default=16, help="web.server --chunk: most decode steps per round")
+p.add_argument("--slots", type=int, default=Scheduler.SLOTS, help="web.server --slots")
+p.add_argument("--prefill-rows", type=int, default=Scheduler.PREFILL_ROWS, help="web.server --prefill-rows")
+p.add_argument("--chunk", type=int, default=Scheduler.CHUNK, help="web.server --chunk: most decode steps per round")
 p.add_argument("--clients", type=str, default="1,64", help="comma-separated client counts, each run on its own")
 p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--temperature", type=float, default=0.8)

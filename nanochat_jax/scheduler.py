@@ -60,13 +60,15 @@ class Scheduler:
     reports ready=False meanwhile), so no client ever waits for a compile. prefill_rows (a power of two): the
     most waiting requests prefilled together in one call, so a burst of clients waits for a few batched
     prefills instead of one prefill after another. chunk: the most decode steps in one round; a round right
-    after a prefill runs one step, so the new rows' first tokens go out without waiting for a whole chunk, and
-    a request that arrives waits at most one round to be prefilled."""
+    after a prefill runs Engine.CHECK_EVERY steps (the device loop's least, 8), so the new rows' first tokens go out
+    without waiting for a whole chunk, and a request that arrives waits at most one round to be prefilled."""
 
     STATIC_MODE = 2  # sample_next's path compiled on its own: the top candidates (top-k <= TOP_K_FAST, any temperature)
     FREE = (Request([0], 0, 0.0, 0, 1.0, 0), Row())  # what a free row feeds the device loop: greedy, no tool state
 
-    def __init__(self, engine, slots=32, warmup=False, prefill_rows=8, chunk=16):
+    SLOTS, PREFILL_ROWS, CHUNK = 32, 8, 16  # the defaults, also web.server's and bench serve's
+
+    def __init__(self, engine, slots=SLOTS, warmup=False, prefill_rows=PREFILL_ROWS, chunk=CHUNK):
         if prefill_rows < 1 or prefill_rows & (prefill_rows - 1):
             raise ValueError(f"prefill_rows must be a power of two, got {prefill_rows}")
         if chunk < 1:
@@ -215,7 +217,8 @@ class Scheduler:
     def _advance(self, admitted):
         """One round: decode the busy rows on the device loop, then hand each row the tokens it recorded (the
         tool state runs over them on the host, as it did on the device) and retire finished rows. A round runs
-        up to chunk steps, no more than the busiest row still wants, and one step right after a prefill."""
+        up to chunk steps, no more than the busiest row still wants, and the device loop's least right after a
+        prefill (a round of fewer steps still takes that many: the steps past its end change nothing)."""
         for i, entry in enumerate(self.active):
             if entry is not None and entry[0].cancelled.is_set():
                 self._finish(i, None, "cancelled")
@@ -224,7 +227,7 @@ class Scheduler:
             return
         entries = self.active[:self._rows(busy)]
         wanted = max(entry[0].max_tokens - entry[0].generated for entry in entries if entry)
-        limit = 1 if admitted else max(1, min(self.chunk, wanted))
+        limit = max(1, min(self.engine.CHECK_EVERY if admitted else self.chunk, wanted))
         c = self._round(entries, limit)
         out, n_out, self.candidates[:len(entries)], new_pos = (np.asarray(c[name]) for name in ("out", "n_out", "candidate", "pos"))
         with self.stats_lock:

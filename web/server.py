@@ -220,7 +220,8 @@ def create_app(scheduler, tokenizer, model_name="nanochat", temperature=0.8, top
     return app
 
 
-def build(checkpoint=None, source=None, tag=None, step=None, slots=32, warmup=True, prefill_rows=8, chunk=16, **app_kwargs):
+def build(checkpoint=None, source=None, tag=None, step=None, slots=Scheduler.SLOTS, warmup=True, prefill_rows=Scheduler.PREFILL_ROWS,
+          chunk=Scheduler.CHUNK, **app_kwargs):
     """Load a model and return the app with its scheduler running; for gunicorn, e.g.
     gunicorn --workers 1 --threads 64 'web.server:build(checkpoint="/tmp/d20-export")'"""
     from nanochat_jax.export import load_model
@@ -242,9 +243,9 @@ if __name__ == "__main__":
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request gives none")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default when a request gives none")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default when a request gives none")
-    parser.add_argument("--slots", type=int, default=32, help="rows of the shared decode batch (concurrent generations)")
-    parser.add_argument("--prefill-rows", type=int, default=8, help="most waiting requests prefilled in one call (a power of two)")
-    parser.add_argument("--chunk", type=int, default=16, help="most decode steps per round between the host's reads (1: a round per token)")
+    parser.add_argument("--slots", type=int, default=Scheduler.SLOTS, help="rows of the shared decode batch (concurrent generations)")
+    parser.add_argument("--prefill-rows", type=int, default=Scheduler.PREFILL_ROWS, help="most waiting requests prefilled in one call (a power of two)")
+    parser.add_argument("--chunk", type=int, default=Scheduler.CHUNK, help="most decode steps per round between the host's reads (1: a round per token)")
     parser.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead of at start-up")
     args = parser.parse_args()
     xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
