@@ -382,11 +382,16 @@ def bench_serve(args):
             load = [sys.executable, "-m", "web.loadtest", "--url", url, "--clients", str(clients), "--max-tokens", str(args.max_tokens),
                     "--temperature", str(args.temperature)]
             for rep in range(args.repeats + 1):  # the first untimed: the first requests of a shape compile
+                before, t0 = scheduler.snapshot(), time.perf_counter()
                 run = subprocess.run(load, capture_output=True, text=True)
                 if run.returncode:
                     raise RuntimeError(f"web.loadtest failed ({run.returncode}): {run.stderr[-2000:]}")
                 if rep:
-                    print(f"{clients:3d} clients: " + run.stdout.strip().replace("\n", " | "), flush=True)
+                    after, wall = scheduler.snapshot(), time.perf_counter() - t0
+                    d = {name: after[name] - before[name] for name in ("rounds", "steps", "round_s", "prefill_s")}
+                    print(f"{clients:3d} clients: " + run.stdout.strip().replace("\n", " | ") +
+                          f" | scheduler: {d['rounds']} rounds, {d['steps']} steps, {d['round_s'] * 1000 / max(d['steps'], 1):.2f} ms a step "
+                          f"in rounds, prefills {d['prefill_s']:.2f} s, rounds {d['round_s']:.2f} s of {wall:.2f} s", flush=True)
     finally:
         server.shutdown()
         scheduler.close()

@@ -80,8 +80,10 @@ class Scheduler:
         self.pos = np.zeros(slots, np.int32)  # where each row's next token goes in the cache
         self.candidates = np.zeros(slots, np.int32)  # each row's sampled, not yet emitted token
         self.waiting = queue.Queue()
-        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, rounds=0, batch_sizes=Counter(),
-                          prefill_sizes=Counter())
+        # round_s, prefill_s: the scheduler thread's seconds in decode rounds (from the call until the tokens are back
+        # on the host) and in prefills; the rest of its time goes on emitting tokens, admitting and waiting
+        self.stats = dict(requests=0, completed=0, cancelled=0, failed=0, tokens=0, steps=0, rounds=0, round_s=0.0, prefill_s=0.0,
+                          batch_sizes=Counter(), prefill_sizes=Counter())
         self.stats_lock = threading.Lock()  # /stats reads from other threads
         self._stop, self.ready = threading.Event(), threading.Event()
         self.warmup = warmup
@@ -182,10 +184,12 @@ class Scheduler:
             admitted.update(slots)
             for request, slot in zip(group, slots):
                 self.active[slot] = (request, Row())  # first: should the prefill fail, _run fails these rows too
+            t0 = time.perf_counter()
             self._prefill(group, slots)
             self.stats["requests"] += len(group)
             with self.stats_lock:
                 self.stats["prefill_sizes"][len(group)] += 1
+                self.stats["prefill_s"] += time.perf_counter() - t0
         return admitted
 
     def _prefill_call(self, group):
@@ -228,11 +232,13 @@ class Scheduler:
         entries = self.active[:self._rows(busy)]
         wanted = max(entry[0].max_tokens - entry[0].generated for entry in entries if entry)
         limit = max(1, min(self.engine.CHECK_EVERY if admitted else self.chunk, wanted))
+        t0 = time.perf_counter()
         c = self._round(entries, limit)
         out, n_out, self.candidates[:len(entries)], new_pos = (np.asarray(c[name]) for name in ("out", "n_out", "candidate", "pos"))
         with self.stats_lock:
             self.stats["steps"] += int(c["step"])
             self.stats["rounds"] += 1
+            self.stats["round_s"] += time.perf_counter() - t0
             self.stats["batch_sizes"][int(busy.sum())] += int(c["step"])
         for i, entry in enumerate(entries):
             if entry is None:
