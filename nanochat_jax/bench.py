@@ -41,7 +41,7 @@ import numpy as np
 
 from nanochat_jax import xla_env
 from nanochat_jax.engine import Engine
-from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, DECODE_STAGES, DECODE_WARPS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.scheduler import Scheduler
@@ -261,6 +261,8 @@ def add_decode_kernel_flags(p):
     p.add_argument("--gemv-weights-first", action="store_true", help="kernels.decode_linear loads its weight tiles before x")
     p.add_argument("--gemv-warps", type=int, default=GEMV_WARPS, help="kernels.decode_linear's warps per program")
     p.add_argument("--decode-block", type=int, default=DECODE_BLOCK, help="kernels.decode_attention's keys per loop step")
+    p.add_argument("--decode-warps", type=int, default=DECODE_WARPS, help="kernels.decode_attention's warps per program")
+    p.add_argument("--decode-stages", type=int, default=DECODE_STAGES, help="kernels.decode_attention's pipeline stages")
 
 
 def set_decode_kernels(args):
@@ -268,6 +270,7 @@ def set_decode_kernels(args):
     kernels.DECODE_ATTENTION_ROWS = None if args.decode_kernel_rows < 0 else args.decode_kernel_rows
     kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
     kernels.GEMV_WEIGHTS_FIRST, kernels.DECODE_BLOCK, kernels.GEMV_WARPS = args.gemv_weights_first, args.decode_block, args.gemv_warps
+    kernels.DECODE_WARPS, kernels.DECODE_STAGES = args.decode_warps, args.decode_stages
     Engine.CHECK_EVERY = args.check_every
 
 

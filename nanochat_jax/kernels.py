@@ -388,6 +388,7 @@ def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y
 
 
 DECODE_BLOCK = 64  # keys per loop step, at most the window (bench decode --decode-block)
+DECODE_WARPS, DECODE_STAGES = 4, 2  # decode_attention's Triton settings (bench decode --decode-warps, --decode-stages)
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
 # bench decode --decode-kernel-rows), and always with decode_linear. One H100, d20, a 256-position window, a step
 # against XLA's attention: 32 rows 1.31 / 1.50 ms, 128 rows 2.38 / 2.62.
@@ -415,7 +416,7 @@ def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interp
         out_shape=(jax.ShapeDtypeStruct((B, H, Dh), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         grid=(B, K), input_output_aliases={3: 1, 4: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES),
         interpret=interpret, name="decode_attention")(qkv, cos, sin, k_cache, v_cache, pos.astype(jnp.int32))
 
 
