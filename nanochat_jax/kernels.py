@@ -387,8 +387,10 @@ def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y
         y_ref[b, j * group + g, pl.ds(d, d)] = ((a2 * alpha + p * v2) / l).astype(y_ref.dtype)
 
 
-DECODE_BLOCK = 64  # keys per loop step, at most the window (bench decode --decode-block)
-DECODE_WARPS, DECODE_STAGES = 4, 2  # decode_attention's Triton settings (bench decode --decode-warps, --decode-stages)
+# decode_attention's keys per loop step (at most the window), warps and pipeline stages (bench decode --decode-block,
+# --decode-warps, --decode-stages). One H100, d20, batch 128: 2.33 ms a step; keys 128 2.30, 32 2.33; warps 8 2.53,
+# 2 2.31; stages 1 2.28, 3 2.33: the kernel reads the cache at ~1.8 TB/s whatever they are (docs/performance.md, round four)
+DECODE_BLOCK, DECODE_WARPS, DECODE_STAGES = 64, 4, 2
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
 # bench decode --decode-kernel-rows), and always with decode_linear. One H100, d20, a 256-position window, a step
 # against XLA's attention: 32 rows 1.31 / 1.50 ms, 128 rows 2.38 / 2.62.
@@ -468,8 +470,9 @@ GEMV_TILE, GEMV_PROGRAMS = 4096, 256
 # d20, a step against XLA's path: 1 row 0.89 / 1.06 ms, 2 rows 0.99 / 1.25, 4 rows 1.20 / 1.23, 8 rows 2.26 / 1.22
 # (each row's sums are separate CUDA-core work: from 8 rows on cuBLAS's GEMMs win).
 DECODE_GEMV_ROWS = 4
-GEMV_WEIGHTS_FIRST = False  # _gemv_kernel's weights_first (bench decode --gemv-weights-first): not timed yet
-GEMV_WARPS = 4  # bench decode --gemv-warps
+# _gemv_kernel's weights_first (bench decode --gemv-weights-first) and warps per program (--gemv-warps). One H100,
+# d20, batch 1: weights first 0.83 ms a step, against 0.83-0.84 (the same); 8 warps 0.86, 2 warps 0.89
+GEMV_WEIGHTS_FIRST, GEMV_WARPS = False, 4
 
 
 def gemv_tiles(N, K, tile=None, programs=None):
