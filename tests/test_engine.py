@@ -275,7 +275,6 @@ def test_a_failed_calculation_forces_nothing(tool_engine):
     assert all(m == 1 for m in masks[0])
 
 
-
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_steps_between_condition_reads_change_no_token(tool_model, tool_engine, monkeypatch, check_every):
     """The device loop runs Engine.CHECK_EVERY steps between reads of its condition; steps past the point where it
