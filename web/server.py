@@ -245,7 +245,8 @@ if __name__ == "__main__":
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default when a request gives none")
     parser.add_argument("--slots", type=int, default=Scheduler.SLOTS, help="rows of the shared decode batch (concurrent generations)")
     parser.add_argument("--prefill-rows", type=int, default=Scheduler.PREFILL_ROWS, help="most waiting requests prefilled in one call (a power of two)")
-    parser.add_argument("--chunk", type=int, default=Scheduler.CHUNK, help="most decode steps per round between the host's reads (a round of fewer than the device loop's 8 costs 8)")
+    parser.add_argument("--chunk", type=int, default=Scheduler.CHUNK, help=f"most decode steps per round between the host's reads (a round of fewer than the device loop's "
+                        f"{Engine.CHECK_EVERY} costs {Engine.CHECK_EVERY})")
     parser.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead of at start-up")
     args = parser.parse_args()
     xla_env.configure()  # XLA flags, GPU memory fraction, compilation cache: before JAX starts
