@@ -41,7 +41,7 @@ import numpy as np
 
 from nanochat_jax import xla_env
 from nanochat_jax.engine import Engine
-from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_GEMV_ROWS, DECODE_STAGES, DECODE_WARPS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
+from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_DOTS, DECODE_GEMV_ROWS, DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, DECODE_STAGES, DECODE_WARPS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
 from nanochat_jax.optim import build_optimizer
 from nanochat_jax.scheduler import Scheduler
@@ -263,6 +263,12 @@ def add_decode_kernel_flags(p):
     p.add_argument("--decode-block", type=int, default=DECODE_BLOCK, help="kernels.decode_attention's keys per loop step")
     p.add_argument("--decode-warps", type=int, default=DECODE_WARPS, help="kernels.decode_attention's warps per program")
     p.add_argument("--decode-stages", type=int, default=DECODE_STAGES, help="kernels.decode_attention's pipeline stages")
+    p.add_argument("--decode-dots", type=int, default=int(DECODE_DOTS),
+                   help="kernels.decode_attention's scores and output as tensor-core dots (1) or CUDA-core sums (0)")
+    p.add_argument("--decode-prefetch", type=int, default=DECODE_PREFETCH,
+                   help="programs beside the five-kernel path's attention that read the next weights into L2 (0: none)")
+    p.add_argument("--decode-prefetch-weights", type=int, default=DECODE_PREFETCH_WEIGHTS,
+                   help="how many of the attention c_proj, c_fc and MLP c_proj they read")
 
 
 def set_decode_kernels(args):
@@ -271,6 +277,8 @@ def set_decode_kernels(args):
     kernels.DECODE_GEMV_ROWS, kernels.GEMV_TILE, kernels.GEMV_PROGRAMS = args.decode_gemv_rows, args.gemv_tile, args.gemv_programs
     kernels.GEMV_WEIGHTS_FIRST, kernels.DECODE_BLOCK, kernels.GEMV_WARPS = args.gemv_weights_first, args.decode_block, args.gemv_warps
     kernels.DECODE_WARPS, kernels.DECODE_STAGES = args.decode_warps, args.decode_stages
+    kernels.DECODE_PREFETCH, kernels.DECODE_PREFETCH_WEIGHTS = args.decode_prefetch, args.decode_prefetch_weights
+    kernels.DECODE_DOTS = bool(args.decode_dots)
     Engine.CHECK_EVERY = args.check_every
 
 

@@ -334,92 +334,173 @@ def decode_attention_reference(qkv, cos, sin, k_cache, v_cache, layer, pos, wind
     return y[:, 0], k_cache, v_cache
 
 
-def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y_ref, k_out, v_out, *, layer, window, block):
-    """One row b and kv head j; every ref is the whole array, the program reads its own part. RoPE and QK norm of
-    its query heads and key (in halves of a head: Triton slices no registers), the new key and value stored at
-    pos[b] of the aliased caches, then keys 0..pos[b]-1 of `layer` streamed through an online softmax a block at
-    a time, each block loaded once for the group's query heads, and the new key last, from registers. The group
-    is often 1, so no tensor-core dot: scores and output are multiplies and sums, in fp32."""
-    b, j = pl.program_id(0), pl.program_id(1)
+def _rope_norm_head(qkv_ref, b, head, c, s, swap):
+    """One head of row b's QKV product, whole: RoPE (each dim with its partner in the other half, `swap`, loaded from
+    memory: Triton permutes no registers; s carries the second half's minus sign), then RMSNorm in fp32, rounded to
+    the compute dtype as the model's path rounds it."""
+    Dh = swap.shape[0]
+    x, partner = qkv_ref[b, pl.ds(head * Dh, Dh)], qkv_ref[b, head * Dh + swap]
+    y = (x * c + partner * s).astype(jnp.float32)  # rounded to x's dtype first, like the reference's rotation
+    y = y * lax.rsqrt(jnp.sum(y * y) / Dh + EPS)
+    return y.astype(qkv_ref.dtype).astype(jnp.float32)
+
+
+def _blocks_by_sums(qs, load, valid_at, n, block, scale):
+    """The online softmax of each query head q (Dh,) over the blocks of keys, on the CUDA cores: the scores and the
+    output are multiplies and sums in fp32. Returns each head's (max, sum, output) before the new key."""
+    def body(i, carry):
+        valid = valid_at(i)
+        keys, values = load(i, True).astype(jnp.float32), load(i, False).astype(jnp.float32)
+        out = []
+        for q, (m, l, acc) in zip(qs, carry):
+            sc = jnp.where(valid, jnp.sum(keys * q[None, :], axis=1) * scale, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(sc))  # finite from the first block on: it holds key 0
+            alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
+            out.append((m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * values, axis=0)))
+        return tuple(out)
+
+    Dh = qs[0].shape[0]
+    start = tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((Dh,), jnp.float32)) for _ in qs)
+    return lax.fori_loop(0, pl.cdiv(n, block), body, start)
+
+
+def _blocks_by_dots(qs, load, valid_at, n, block, scale, dtype):
+    """The same on the tensor cores: the group's query heads as the rows of a (G, Dh) matrix, G >= 16 (a dot's
+    least; rows past the group are 0 and their results unused), the scores a dot with the block's keys and the
+    output one of the probabilities, rounded to the compute dtype, with its values; fp32 accumulation."""
+    Dh, G = qs[0].shape[0], max(16, pl.next_power_of_2(len(qs)))
+    rows = jnp.arange(G)
+    Q = sum(jnp.where((rows == g)[:, None], q[None, :], 0.0) for g, q in enumerate(qs)).astype(dtype)  # q is exact in dtype
+    prec = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    dot = lambda a, b, contract: lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32)
+
+    def body(i, carry):
+        m, l, acc = carry
+        sc = jnp.where(valid_at(i)[None, :], dot(Q, load(i, True), ((1,), (1,))) * scale, -jnp.inf)  # (G, block)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+        alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new[:, None])
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + dot(p.astype(dtype), load(i, False), ((1,), (0,)))
+
+    start = jnp.full((G,), -jnp.inf, jnp.float32), jnp.zeros((G,), jnp.float32), jnp.zeros((G, Dh), jnp.float32)
+    m, l, acc = lax.fori_loop(0, pl.cdiv(n, block), body, start)
+    row = lambda x, g: jnp.sum(jnp.where(rows == g, x, 0.0)) if x.ndim == 1 else jnp.sum(jnp.where((rows == g)[:, None], x, 0.0), axis=0)
+    return tuple((row(m, g), row(l, g), row(acc, g)) for g in range(len(qs)))
+
+
+def _attend(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y_ref, k_out, v_out, b, j, *, layer, window, block, dots):
+    """Row b, kv head j: the new key and value stored at pos[b] of the aliased caches, then keys 0..pos[b]-1 of
+    `layer` streamed through an online softmax a block at a time (_blocks_by_dots, or _blocks_by_sums), each block
+    loaded once for the group's query heads, and the new key last, from registers."""
     K, Dh = k_ref.shape[3], k_ref.shape[4]
     H, d, dtype = qkv_ref.shape[1] // Dh - 2 * K, Dh // 2, qkv_ref.dtype
     group = H // K
     pos = pos_ref[b]
     layer = jnp.int32(layer)  # an array index: the interpreter's masked load takes no Python int beside traced ones
-    c, s = cos_ref[b, :].astype(dtype), sin_ref[b, :].astype(dtype)
+    dims = jnp.arange(Dh)
+    swap, half = (dims + d) % Dh, dims % d
+    c, s = cos_ref[b, half].astype(dtype), sin_ref[b, half].astype(dtype)
+    s = jnp.where(dims < d, s, -s)  # y1 = x1 c + x2 s, y2 = x2 c - x1 s
 
-    def rope_norm(head):  # head's halves, rotated, normed and rounded to the compute dtype (the model's path), in fp32
-        y1, y2, _ = _rope_norm_fwd_math(qkv_ref[b, pl.ds(head * Dh, d)], qkv_ref[b, pl.ds(head * Dh + d, d)], c, s)
-        return y1.astype(dtype).astype(jnp.float32), y2.astype(dtype).astype(jnp.float32)
-
-    k1, k2 = rope_norm(H + j)
-    v1, v2 = (qkv_ref[b, pl.ds((H + K + j) * Dh + o, d)].astype(jnp.float32) for o in (0, d))
-    for ref, half, o in ((k_out, k1, 0), (k_out, k2, d), (v_out, v1, 0), (v_out, v2, d)):
-        ref[layer, b, pos, j, pl.ds(o, d)] = half.astype(ref.dtype)
-    scale = 1.0 / math.sqrt(Dh)
-    qs = [tuple(h * scale for h in rope_norm(j * group + g)) for g in range(group)]
+    k_new = _rope_norm_head(qkv_ref, b, H + j, c, s, swap)
+    v_new = qkv_ref[b, pl.ds((H + K + j) * Dh, Dh)].astype(jnp.float32)
+    k_out[layer, b, pos, j, :] = k_new.astype(k_out.dtype)
+    v_out[layer, b, pos, j, :] = v_new.astype(v_out.dtype)
+    qs = [_rope_norm_head(qkv_ref, b, j * group + g, c, s, swap) for g in range(group)]
     n = jnp.minimum(pos, window)  # cached keys this row sees: the reference's mask, also for a pos past the window
+    valid_at = lambda i: i * block + jnp.arange(block) < n
 
-    def body(i, carry):
-        valid = i * block + jnp.arange(block) < n
+    def load(i, keys):  # (block, Dh) in the compute dtype; the tail past the filled keys reads as 0 whatever the cache holds
+        x = plgpu.load((k_ref if keys else v_ref).at[layer, b, pl.ds(i * block, block), j, :], mask=valid_at(i)[:, None], other=0)
+        return x.astype(dtype)  # rounded to the compute dtype first, as the reference does
 
-        def load(ref, o):  # (block, d); the tail past the filled keys reads as 0 whatever the cache holds there
-            x = plgpu.load(ref.at[layer, b, pl.ds(i * block, block), j, pl.ds(o, d)], mask=valid[:, None], other=0)
-            return x.astype(dtype).astype(jnp.float32)  # rounded to the compute dtype first, as the reference does
-        kb1, kb2, vb1, vb2 = load(k_ref, 0), load(k_ref, d), load(v_ref, 0), load(v_ref, d)
-        out = []
-        for (q1, q2), (m, l, a1, a2) in zip(qs, carry):
-            sc = jnp.where(valid, jnp.sum(kb1 * q1[None, :], axis=1) + jnp.sum(kb2 * q2[None, :], axis=1), -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(sc))  # finite from the first block on: it holds key 0
-            alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
-            out.append((m_new, l * alpha + jnp.sum(p), a1 * alpha + jnp.sum(p[:, None] * vb1, axis=0),
-                        a2 * alpha + jnp.sum(p[:, None] * vb2, axis=0)))
-        return tuple(out)
-
-    zeros = jnp.zeros((d,), jnp.float32)
-    carry = lax.fori_loop(0, pl.cdiv(n, block), body, tuple((jnp.float32(-jnp.inf), jnp.float32(0.0), zeros, zeros) for _ in qs))
-    for g, ((q1, q2), (m, l, a1, a2)) in enumerate(zip(qs, carry)):
-        sc = jnp.where(pos < window, jnp.sum(q1 * k1) + jnp.sum(q2 * k2), -jnp.inf)  # the new key, inside the window
+    scale = 1.0 / math.sqrt(Dh)
+    blocks = _blocks_by_dots(qs, load, valid_at, n, block, scale, dtype) if dots else _blocks_by_sums(qs, load, valid_at, n, block, scale)
+    for g, (q, (m, l, acc)) in enumerate(zip(qs, blocks)):
+        sc = jnp.where(pos < window, jnp.sum(q * k_new) * scale, -jnp.inf)  # the new key, inside the window
         m_new = jnp.maximum(m, sc)
         alpha, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
-        l = l * alpha + p
-        y_ref[b, j * group + g, pl.ds(0, d)] = ((a1 * alpha + p * v1) / l).astype(y_ref.dtype)
-        y_ref[b, j * group + g, pl.ds(d, d)] = ((a2 * alpha + p * v2) / l).astype(y_ref.dtype)
+        y_ref[b, j * group + g, :] = ((acc * alpha + p * v_new) / (l * alpha + p)).astype(y_ref.dtype)
+
+
+def _prefetch(weights, sink_ref, part, parts, tile):
+    """Program `part` of `parts` reads every parts-th tile of the flat weights into L2 (evict last: a later kernel
+    reads them), summing them into sink_ref[part] so that the loads are not dropped as dead."""
+    acc = jnp.zeros((tile,), jnp.float32)
+    for w in weights:
+        n = w.shape[0]
+
+        def body(i, acc, w=w, n=n):
+            at = (part + i * parts) * tile + jnp.arange(tile)
+            x = plgpu.load(w.at[pl.ds((part + i * parts) * tile, tile)], mask=at < n, other=0, eviction_policy="evict_last")
+            return acc + x.astype(jnp.float32)
+        acc = lax.fori_loop(0, pl.cdiv(pl.cdiv(n, tile) - part, parts), body, acc)
+    sink_ref[part] = jnp.sum(acc)
+
+
+def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, *rest, layer, window, block, dots, tile):
+    """Programs (b, j < K) attend (_attend); with weights to prefetch, programs (b, j >= K) read them into L2 while
+    the few attention programs leave the rest of the GPU idle (batch 1: 10 programs on 132 SMs)."""
+    b, j = pl.program_id(0), pl.program_id(1)
+    n_w = len(rest) - 4 if tile else 0
+    weights, (y_ref, k_out, v_out), sink = rest[:n_w], rest[n_w:n_w + 3], rest[n_w + 3:]
+    attend = partial(_attend, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, y_ref, k_out, v_out, b, j,
+                     layer=layer, window=window, block=block, dots=dots)
+    if not tile:
+        return attend()
+    K, extra = k_ref.shape[3], pl.num_programs(1) - k_ref.shape[3]
+    pl.when(j < K)(attend)
+    pl.when(j >= K)(lambda: _prefetch(weights, sink[0], b * extra + j - K, pl.num_programs(0) * extra, tile))
 
 
 # decode_attention's keys per loop step (at most the window), warps and pipeline stages (bench decode --decode-block,
 # --decode-warps, --decode-stages). One H100, d20, batch 128: 2.33 ms a step; keys 128 2.30, 32 2.33; warps 8 2.53,
 # 2 2.31; stages 1 2.28, 3 2.33: the kernel reads the cache at ~1.8 TB/s whatever they are (docs/performance.md, round four)
 DECODE_BLOCK, DECODE_WARPS, DECODE_STAGES = 64, 4, 2
+# decode_attention's scores and output as tensor-core dots (blocks and heads of at least 16), else sums on the CUDA
+# cores (bench decode --decode-dots 0)
+DECODE_DOTS = True
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
 # bench decode --decode-kernel-rows), and always with decode_linear. One H100, d20, a 256-position window, a step
 # against XLA's attention: 32 rows 1.31 / 1.50 ms, 128 rows 2.38 / 2.62.
 DECODE_ATTENTION_ROWS = 32
 
 
+# At batch 1 the attention is 10 programs on 132 SMs, latency-bound, while the rest of the GPU waits: programs added to
+# its grid read the layer's next weights into L2 meanwhile (the attention c_proj, then c_fc, then the MLP c_proj:
+# the first DECODE_PREFETCH_WEIGHTS of them), DECODE_PREFETCH programs in all, each tile PREFETCH_TILE elements.
+# Only on the five-kernel path (at most DECODE_GEMV_ROWS rows). bench decode --decode-prefetch, --decode-prefetch-weights
+DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, PREFETCH_TILE = 128, 2, 4096
+
+
 def decode_attention_supported(Dh, window, block=None):
-    """Triton loads powers of 2: half a head (Dh/2,) and a block of keys (block, Dh/2), blocks tiling the window."""
+    """Triton loads powers of 2: a head (Dh,) and a block of keys (block, Dh), blocks tiling the window."""
     block = min(block or DECODE_BLOCK, window)
     return Dh & (Dh - 1) == 0 and Dh >= 2 and block & (block - 1) == 0 and window % block == 0
 
 
-def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=None):
+def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=None, prefetch=()):
     """decode_attention_reference in one kernel, one program per (row, kv head): B * K programs, each reading its
     kv head of `layer` straight from the full caches (L, R, S, K, Dh), positions 0..pos[b] only, fp32 inside, and
     writing its new key and value into the caches in place (aliased: the caller's are donated) and its H // K query
-    heads of the (B, H, Dh) output in qkv's dtype. layer and window are static."""
+    heads of the (B, H, Dh) output in qkv's dtype. layer and window are static. prefetch: weights the next kernels
+    read, which DECODE_PREFETCH more programs read into L2 meanwhile."""
     B = qkv.shape[0]
     K, Dh = k_cache.shape[3:]
     H = qkv.shape[1] // Dh - 2 * K
     block = min(block or DECODE_BLOCK, window)
+    extra = -(-DECODE_PREFETCH // B) if prefetch and DECODE_PREFETCH else 0
+    weights = tuple(w.reshape(-1) for w in prefetch) if extra else ()  # flat: a reshape of the whole array, no copy
+    sink = (jax.ShapeDtypeStruct((B * extra,), jnp.float32),) if extra else ()
     # no BlockSpecs: every input is passed whole, so XLA copies no slice of the caches before the call
-    return pl.pallas_call(
-        partial(_decode_attention_kernel, layer=layer, window=window, block=block),
+    y, k_cache, v_cache, *_ = pl.pallas_call(
+        partial(_decode_attention_kernel, layer=layer, window=window, block=block, dots=DECODE_DOTS and block >= 16 and Dh >= 16,
+                tile=PREFETCH_TILE if extra else 0),
         out_shape=(jax.ShapeDtypeStruct((B, H, Dh), qkv.dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        grid=(B, K), input_output_aliases={3: 1, 4: 2},
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype), *sink),
+        grid=(B, K + extra), input_output_aliases={3: 1, 4: 2},
         compiler_params=plgpu.CompilerParams(num_warps=DECODE_WARPS, num_stages=DECODE_STAGES),
-        interpret=interpret, name="decode_attention")(qkv, cos, sin, k_cache, v_cache, pos.astype(jnp.int32))
+        interpret=interpret, name="decode_attention")(qkv, cos, sin, k_cache, v_cache, pos.astype(jnp.int32), *weights)
+    return y, k_cache, v_cache
 
 
 def decode_linear_reference(x, w, norm=False, relu2=False, residual=None):

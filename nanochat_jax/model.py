@@ -442,14 +442,17 @@ class Block(nnx.Module):
     def decode_token(self, x, qkv, cos, sin, k_cache, v_cache, pos, layer, window, interpret=False):
         """__call__ on the KV-cache path for one token per row, x (B, D), cos/sin (B, Dh/2), in five kernels: the
         norm and QKV product, attention with the cache write (kernels.decode_attention), c_proj and the residual
-        add, the norm, c_fc and ReLU², c_proj and the residual add (kernels.decode_linear). The Linear kernels must
-        be held transposed, and qkv is the layer's fused QKV matrix (GPT.decode)."""
-        linear = lambda x, w, **kw: pallas.decode_linear(x, w.astype(x.dtype), interpret=interpret, **kw)
-        y, k_cache, v_cache = pallas.decode_attention(linear(x, qkv, norm=True), cos, sin, k_cache, v_cache, layer, pos,
-                                                      window, interpret)
-        x = linear(y.reshape(x.shape[0], -1), self.attn.c_proj.kernel[...], residual=x)
-        h = linear(x, self.mlp.c_fc.kernel[...], norm=True, relu2=True)
-        return linear(h, self.mlp.c_proj.kernel[...], residual=x), k_cache, v_cache
+        add, the norm, c_fc and ReLU², c_proj and the residual add (kernels.decode_linear); the attention's idle
+        programs read the next products' weights into L2 meanwhile. The Linear kernels must be held transposed, and
+        qkv is the layer's fused QKV matrix (GPT.decode)."""
+        linear = lambda x, w, **kw: pallas.decode_linear(x, w, interpret=interpret, **kw)
+        proj, fc, mlp_proj = (w.astype(x.dtype) for w in (self.attn.c_proj.kernel[...], self.mlp.c_fc.kernel[...], self.mlp.c_proj.kernel[...]))
+        y, k_cache, v_cache = pallas.decode_attention(linear(x, qkv.astype(x.dtype), norm=True), cos, sin, k_cache, v_cache,
+                                                      layer, pos, window, interpret,
+                                                      prefetch=(proj, fc, mlp_proj)[:pallas.DECODE_PREFETCH_WEIGHTS])
+        x = linear(y.reshape(x.shape[0], -1), proj, residual=x)
+        h = linear(x, fc, norm=True, relu2=True)
+        return linear(h, mlp_proj, residual=x), k_cache, v_cache
 
     def __call__(self, x, cos, sin, cache=None):
         y, cache = self.attn(norm(x), cos, sin, cache)

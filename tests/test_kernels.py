@@ -145,11 +145,14 @@ def decode_inputs(pos, H, K, Dh, dtype, L=3, R=None, S=64, seed=7):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("H, K", [(4, 2), (3, 3), (6, 2)])  # GQA, one query head per kv head (d20), groups of 3
-def test_decode_attention_matches_the_model_cache_path(dtype, H, K):
+@pytest.mark.parametrize("dots", [True, False])
+def test_decode_attention_matches_the_model_cache_path(monkeypatch, dtype, H, K, dots):
     """Rows at different positions of layer 1 of the caches, through a window of 32 with blocks of 16: the first
     position, the end of a block and the start of the next, the window's last position, and a row past the window
     (which reads the whole window, as the reference's mask has it). The caches have a row more than the batch
-    (the scheduler's free slot), which stays as it was; the new keys and values land at pos in layer 1 only."""
+    (the scheduler's free slot), which stays as it was; the new keys and values land at pos in layer 1 only.
+    Scores and output by tensor-core dots (dots) or by sums on the CUDA cores."""
+    monkeypatch.setattr(kernels, "DECODE_DOTS", dots)
     Dh, window, layer = 32, 32, 1
     pos = jnp.array([0, 15, 16, 31, 40])
     args = decode_inputs(pos, H, K, Dh, dtype, R=len(pos) + 1)
@@ -178,6 +181,23 @@ def test_decode_attention_reads_only_its_layer_up_to_pos():
     np.testing.assert_array_equal(attend(garbage(k_cache), garbage(v_cache)), attend(k_cache, v_cache))
 
 
+@pytest.mark.parametrize("programs", [1, 3, 8])
+def test_decode_attention_prefetch_programs_change_nothing(monkeypatch, programs):
+    """Weights given to prefetch add programs to the grid, which read them (into L2, on a GPU) while the others
+    attend: the outputs and the cache writes are bit for bit those without, for a few programs or more than the
+    weights have tiles, and a weight that is not a whole number of tiles (its tail is masked)."""
+    H, K, Dh, window, layer = 4, 2, 32, 64, 1
+    pos = jnp.array([3, 40])
+    args = decode_inputs(pos, H, K, Dh, jnp.bfloat16, seed=11)
+    weights = [jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16) for i, shape in enumerate(((64, 32), (50, 32)))]
+    attend = lambda prefetch: kernels.decode_attention(*args, layer, pos, window, interpret=INTERPRET, block=16, prefetch=prefetch)
+    want = attend(())
+    monkeypatch.setattr(kernels, "PREFETCH_TILE", 256)  # 8 and 6.25 tiles
+    monkeypatch.setattr(kernels, "DECODE_PREFETCH", programs)
+    for got, ref in zip(attend(weights), want):
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_decode_kernels_lower_to_one_triton_call_each_on_the_whole_caches():
     """At d20's shapes (20 layers, 10 heads of 128, a 2048-token cache, window 256; its four products), batch 1, 8
     and 32, and with groups of 5 query heads: one Triton call per kernel, no slice of the caches before the
@@ -189,6 +209,11 @@ def test_decode_kernels_lower_to_one_triton_call_each_on_the_whole_caches():
         attend = lambda qkv, c, s, k, v, pos: kernels.decode_attention(qkv, c, s, k, v, 7, pos, 256)
         text = lower_for_cuda(attend, qkv, cs, cs, cache, cache, pos)
         assert text.count("xla.gpu.triton") == 1 and "slice" not in text and "output_operand_alias" in text
+    weights = S((1280, 1280), jnp.bfloat16), S((5120, 1280), jnp.bfloat16)  # batch 1's prefetch: the weights, not copies
+    attend = lambda qkv, c, s, k, v, pos, *w: kernels.decode_attention(qkv, c, s, k, v, 7, pos, 256, prefetch=w)
+    qkv, cs, cache, pos = S((1, 30 * 128), jnp.bfloat16), S((1, 64), jnp.bfloat16), S((20, 1, 2048, 10, 128), jnp.bfloat16), S((1,), jnp.int32)
+    text = lower_for_cuda(attend, qkv, cs, cs, cache, cache, pos, *weights)
+    assert text.count("xla.gpu.triton") == 1 and "slice" not in text and "copy" not in text
     for B in (1, 8):
         for N, K in ((3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120)):
             x, w, res = S((B, K), jnp.bfloat16), S((N, K), jnp.bfloat16), S((B, N), jnp.bfloat16)
