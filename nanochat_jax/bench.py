@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import xla_env
+from nanochat_jax import engine as engine_module
 from nanochat_jax.engine import Engine
 from nanochat_jax.kernels import DECODE_ATTENTION_ROWS, DECODE_BLOCK, DECODE_DOTS, DECODE_GEMV_ROWS, DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, DECODE_STAGES, DECODE_WARPS, GEMV_PROGRAMS, GEMV_TILE, GEMV_WARPS, add_flag as add_kernels_flag, parse as parse_kernels
 from nanochat_jax.model import backend_settings, config_for_depth
@@ -252,6 +253,9 @@ def add_decode_kernel_flags(p):
     """The engine's device loop and decode kernels (kernels.py; NVIDIA GPUs), for decode and serve."""
     p.add_argument("--check-every", type=int, default=Engine.CHECK_EVERY,
                    help="device-loop steps between reads of its condition (Engine.CHECK_EVERY)")
+    p.add_argument("--top-k-fast", type=int, default=engine_module.TOP_K_FAST,
+                   help="sampling's candidates for a top-k up to this (engine.TOP_K_FAST)")
+    p.add_argument("--top-k-chunk", type=int, default=engine_module.TOP_K_CHUNK, help="their chunk of the vocabulary (engine.TOP_K_CHUNK)")
     p.add_argument("--decode-kernel-rows", type=int, default=DECODE_ATTENTION_ROWS,
                    help="attention over the cache by kernels.decode_attention from this many rows up (0 always, -1 never)")
     p.add_argument("--decode-gemv-rows", type=int, default=DECODE_GEMV_ROWS,
@@ -268,7 +272,7 @@ def add_decode_kernel_flags(p):
     p.add_argument("--decode-prefetch", type=int, default=DECODE_PREFETCH,
                    help="programs beside the five-kernel path's attention that read the next weights into L2 (0: none)")
     p.add_argument("--decode-prefetch-weights", type=int, default=DECODE_PREFETCH_WEIGHTS,
-                   help="how many of the attention c_proj, c_fc and MLP c_proj they read")
+                   help="how many of the attention c_proj, c_fc, the MLP c_proj and the next layer's QKV they read")
 
 
 def set_decode_kernels(args):
@@ -280,6 +284,7 @@ def set_decode_kernels(args):
     kernels.DECODE_PREFETCH, kernels.DECODE_PREFETCH_WEIGHTS = args.decode_prefetch, args.decode_prefetch_weights
     kernels.DECODE_DOTS = bool(args.decode_dots)
     Engine.CHECK_EVERY = args.check_every
+    engine_module.TOP_K_FAST, engine_module.TOP_K_CHUNK = args.top_k_fast, args.top_k_chunk
 
 
 def bench_decode(args):

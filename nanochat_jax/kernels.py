@@ -466,8 +466,8 @@ DECODE_ATTENTION_ROWS = 32
 
 
 # At batch 1 the attention is 10 programs on 132 SMs, latency-bound, while the rest of the GPU waits: programs added to
-# its grid read the layer's next weights into L2 meanwhile (the attention c_proj, then c_fc, then the MLP c_proj:
-# the first DECODE_PREFETCH_WEIGHTS of them), DECODE_PREFETCH programs in all, each tile PREFETCH_TILE elements.
+# its grid read the layer's next weights into L2 meanwhile (the attention c_proj, then c_fc, the MLP c_proj, the next
+# layer's QKV: the first DECODE_PREFETCH_WEIGHTS of them), DECODE_PREFETCH programs in all, tiles of PREFETCH_TILE.
 # Only on the five-kernel path (at most DECODE_GEMV_ROWS rows). bench decode --decode-prefetch, --decode-prefetch-weights
 DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, PREFETCH_TILE = 128, 2, 4096
 

@@ -439,17 +439,18 @@ class Block(nnx.Module):
         self.attn = CausalSelfAttention(config, attn_impl=attn_impl, rngs=rngs, fp8=fp8, kernels=kernels)
         self.mlp = MLP(config, rngs=rngs, fp8=fp8, kernels=kernels)
 
-    def decode_token(self, x, qkv, cos, sin, k_cache, v_cache, pos, layer, window, interpret=False):
+    def decode_token(self, x, qkv, cos, sin, k_cache, v_cache, pos, layer, window, interpret=False, next_qkv=None):
         """__call__ on the KV-cache path for one token per row, x (B, D), cos/sin (B, Dh/2), in five kernels: the
         norm and QKV product, attention with the cache write (kernels.decode_attention), c_proj and the residual
         add, the norm, c_fc and ReLU², c_proj and the residual add (kernels.decode_linear); the attention's idle
-        programs read the next products' weights into L2 meanwhile. The Linear kernels must be held transposed, and
-        qkv is the layer's fused QKV matrix (GPT.decode)."""
+        programs read the next products' weights into L2 meanwhile (and next_qkv, the next layer's). The Linear kernels
+        must be held transposed, and qkv is the layer's fused QKV matrix (GPT.decode)."""
         linear = lambda x, w, **kw: pallas.decode_linear(x, w, interpret=interpret, **kw)
         proj, fc, mlp_proj = (w.astype(x.dtype) for w in (self.attn.c_proj.kernel[...], self.mlp.c_fc.kernel[...], self.mlp.c_proj.kernel[...]))
+        next_weights = (proj, fc, mlp_proj) + (() if next_qkv is None else (next_qkv.astype(x.dtype),))
         y, k_cache, v_cache = pallas.decode_attention(linear(x, qkv.astype(x.dtype), norm=True), cos, sin, k_cache, v_cache,
                                                       layer, pos, window, interpret,
-                                                      prefetch=(proj, fc, mlp_proj)[:pallas.DECODE_PREFETCH_WEIGHTS])
+                                                      prefetch=next_weights[:pallas.DECODE_PREFETCH_WEIGHTS])
         x = linear(y.reshape(x.shape[0], -1), proj, residual=x)
         h = linear(x, fc, norm=True, relu2=True)
         return linear(h, mlp_proj, residual=x), k_cache, v_cache
@@ -503,7 +504,8 @@ class GPT(nnx.Module):
         if mode:  # a few rows of one token: five kernels a layer
             x, cos, sin = x[:, 0], cos[:, 0], sin[:, 0]
             for i, block in enumerate(self.blocks):
-                x, k_cache, v_cache = block.decode_token(x, qkv[i], cos, sin, k_cache, v_cache, pos, i, window, mode == "interpret")
+                after = qkv[i + 1] if i + 1 < len(qkv) else None  # the next layer's QKV, for the attention's prefetch
+                x, k_cache, v_cache = block.decode_token(x, qkv[i], cos, sin, k_cache, v_cache, pos, i, window, mode == "interpret", after)
             return norm(x)[:, None], k_cache, v_cache
         for i, block in enumerate(self.blocks):  # Block.__call__, with the kernels as they are held
             fused = None if qkv is None else qkv[i]
