@@ -366,6 +366,18 @@ def bench_decode(args):
                 f.write(hlo)
 
 
+SERVE_UNTIMED = 4  # bench serve's most untimed runs per client count
+
+
+def run_loadtest(command):
+    """web.loadtest's report (stdout) of one run."""
+    import subprocess
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"web.loadtest failed ({run.returncode}): {run.stderr[-2000:]}")
+    return run.stdout
+
+
 def bench_serve(args):
     """The chat server (web.server's app over a Scheduler) in this process on random weights, driven by
     web.loadtest in a process of its own (its client threads would otherwise take the server's interpreter lock
@@ -373,7 +385,6 @@ def bench_serve(args):
     (requests/s, TTFT p50/p99, the prefill groups and decode batches the scheduler formed). Random weights rarely
     sample a stop token, so every reply runs to --max-tokens."""
     import logging
-    import subprocess
     import threading
     from flax import nnx
     from werkzeug.serving import make_server
@@ -393,21 +404,30 @@ def bench_serve(args):
     print(f"{jax.devices()[0].device_kind}: d{args.depth}, {args.slots} slots, prefills of up to {args.prefill_rows}, rounds of up to {args.chunk} steps, "
           f"ready in {time.perf_counter() - t0:.1f} s; {args.max_tokens} tokens per reply, temperature {args.temperature}")
     url = f"http://127.0.0.1:{server.server_port}"
+    # a burst splits into prefill groups of varying sizes, so a run can meet a shape the runs before it did not: count
+    # the compiles, untimed runs go on until one compiles nothing (at most UNTIMED), and a timed line says its own
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **_: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None)
     try:
         for clients in map(int, args.clients.split(",")):
             load = [sys.executable, "-m", "web.loadtest", "--url", url, "--clients", str(clients), "--max-tokens", str(args.max_tokens),
                     "--temperature", str(args.temperature)]
-            for rep in range(args.repeats + 1):  # the first untimed: the first requests of a shape compile
-                before, t0 = scheduler.snapshot(), time.perf_counter()
-                run = subprocess.run(load, capture_output=True, text=True)
-                if run.returncode:
-                    raise RuntimeError(f"web.loadtest failed ({run.returncode}): {run.stderr[-2000:]}")
-                if rep:
-                    after, wall = scheduler.snapshot(), time.perf_counter() - t0
-                    d = {name: after[name] - before[name] for name in ("rounds", "steps", "round_s", "prefill_s")}
-                    print(f"{clients:3d} clients: " + run.stdout.strip().replace("\n", " | ") +
-                          f" | scheduler: {d['rounds']} rounds, {d['steps']} steps, {d['round_s'] * 1000 / max(d['steps'], 1):.2f} ms a step "
-                          f"in rounds, prefills {d['prefill_s']:.2f} s, rounds {d['round_s']:.2f} s of {wall:.2f} s", flush=True)
+            untimed = 0
+            while untimed < SERVE_UNTIMED:
+                untimed, n = untimed + 1, len(compiles)
+                run_loadtest(load)
+                if len(compiles) == n:
+                    break
+            for _ in range(args.repeats):
+                before, n, t0 = scheduler.snapshot(), len(compiles), time.perf_counter()
+                out = run_loadtest(load)
+                after, wall = scheduler.snapshot(), time.perf_counter() - t0
+                d = {name: after[name] - before[name] for name in ("rounds", "steps", "round_s", "prefill_s")}
+                print(f"{clients:3d} clients: " + out.strip().replace("\n", " | ") +
+                      f" | scheduler: {d['rounds']} rounds, {d['steps']} steps, {d['round_s'] * 1000 / max(d['steps'], 1):.2f} ms a step "
+                      f"in rounds, prefills {d['prefill_s']:.2f} s, rounds {d['round_s']:.2f} s of {wall:.2f} s | "
+                      f"compiled in the run: {len(compiles) - n} ({sum(compiles[n:]):.1f} s) after {untimed} untimed", flush=True)
     finally:
         server.shutdown()
         scheduler.close()

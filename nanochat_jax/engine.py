@@ -67,8 +67,10 @@ def sample_completions(forward, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16
 # -----------------------------------------------------------------------------
 # Sampling
 
-TOP_K_FAST = 256  # a top-k up to this takes the fast path; only a larger k, or top-p without top-k, sorts all V logits
-TOP_K_CHUNK = 16  # top_candidates' chunk of the vocabulary
+# A top-k up to TOP_K_FAST draws from that many candidates, found by top_candidates over chunks of TOP_K_CHUNK; a larger
+# k (the server allows 200), or top-p without top-k, sorts all V logits. One H100, 65,536 logits, the candidates alone:
+# 64 by chunks of 32 33-42 us, 256 by 16 68-85 us (batch 1-128); a d20 step at batch 1 0.79 ms against 0.82
+TOP_K_FAST, TOP_K_CHUNK = 64, 32
 
 
 def row_keys(seeds, rows, steps):

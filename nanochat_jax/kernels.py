@@ -14,7 +14,8 @@ plain-JAX twin is the fallback:
 Decoding (inference only, no gradient):
 
 - decode_attention: RoPE and QK norm of one new token per row, its key and value written into one layer's KV
-  cache, and its queries against the filled positions, in one kernel per layer instead of XLA's ~15.
+  cache, and its queries against the filled positions (tensor-core dots over blocks of keys), in one kernel per
+  layer instead of XLA's ~15. At batch 1 more programs of it read the next products' weights into L2.
 - decode_linear: a product with one of a layer's weights for a few rows (a GEMV), with the RMSNorm before it,
   and the ReLU² or the residual add after it, inside. With decode_attention, a layer is five kernels.
 
@@ -453,11 +454,12 @@ def _decode_attention_kernel(qkv_ref, cos_ref, sin_ref, k_ref, v_ref, pos_ref, *
 
 
 # decode_attention's keys per loop step (at most the window), warps and pipeline stages (bench decode --decode-block,
-# --decode-warps, --decode-stages). One H100, d20, batch 128: 2.33 ms a step; keys 128 2.30, 32 2.33; warps 8 2.53,
-# 2 2.31; stages 1 2.28, 3 2.33: the kernel reads the cache at ~1.8 TB/s whatever they are (docs/performance.md, round four)
+# --decode-warps, --decode-stages). One H100, d20, batch 128, by dots: 2.01 ms a step; keys 128 2.03, 32 2.14; warps
+# 8 2.13 (round four's kernel, by sums over halves of heads: 2.33; keys 128 2.30, 32 2.33; warps 8 2.53, 2 2.31)
 DECODE_BLOCK, DECODE_WARPS, DECODE_STAGES = 64, 4, 2
 # decode_attention's scores and output as tensor-core dots (blocks and heads of at least 16), else sums on the CUDA
-# cores (bench decode --decode-dots 0)
+# cores (bench decode --decode-dots 0). One H100, d20: batch 128 2.15 ms a step against 2.27 (and 2.35 with the
+# previous kernel, halves of heads), batch 1 0.82 against 0.84
 DECODE_DOTS = True
 # The KV-cache path uses decode_attention for batches of at least this many rows, where it runs (None: never;
 # bench decode --decode-kernel-rows), and always with decode_linear. One H100, d20, a 256-position window, a step
@@ -468,8 +470,10 @@ DECODE_ATTENTION_ROWS = 32
 # At batch 1 the attention is 10 programs on 132 SMs, latency-bound, while the rest of the GPU waits: programs added to
 # its grid read the layer's next weights into L2 meanwhile (the attention c_proj, then c_fc, the MLP c_proj, the next
 # layer's QKV: the first DECODE_PREFETCH_WEIGHTS of them), DECODE_PREFETCH programs in all, tiles of PREFETCH_TILE.
-# Only on the five-kernel path (at most DECODE_GEMV_ROWS rows). bench decode --decode-prefetch, --decode-prefetch-weights
-DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, PREFETCH_TILE = 128, 2, 4096
+# Only on the five-kernel path (at most DECODE_GEMV_ROWS rows). bench decode --decode-prefetch, --decode-prefetch-weights.
+# One H100, d20, batch 1: 0.73 ms a step; no prefetch 0.78, 128 programs 0.82 (with 256 candidates), 512 0.74;
+# one weight 0.76, three 0.78-0.80, four 1.04: more than c_proj and c_fc outlasts the attention
+DECODE_PREFETCH, DECODE_PREFETCH_WEIGHTS, PREFETCH_TILE = 256, 2, 4096
 
 
 def decode_attention_supported(Dh, window, block=None):

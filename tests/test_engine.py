@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize
-from nanochat_jax.engine import Engine, greedy_naive
+from nanochat_jax.engine import Engine, greedy_naive, row_keys, sample_next
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -194,6 +194,23 @@ def test_top_candidates_equal_lax_top_k():
     values, ids = jax.jit(top_candidates, static_argnums=1)(ties, 256)
     assert (values == jax.lax.top_k(ties, 256)[0]).all()
     assert (jnp.take_along_axis(ties, ids, axis=1) == values).all() and all(len(set(r)) == 256 for r in np.asarray(ids).tolist())
+
+
+def test_fewer_candidates_draw_the_same_tokens(monkeypatch):
+    """A top-k of at most TOP_K_FAST draws from the TOP_K_FAST largest logits; how many there are, and the chunking
+    that finds them, change no token: ranks past k are masked, and a row's Gumbel noise for rank i is the same
+    whatever the candidates' count (threefry's bits are per element)."""
+    from nanochat_jax import engine
+    B = 8
+    logits = jax.random.normal(jax.random.key(4), (B, 65536)) * 2
+    keys = row_keys(jnp.full(B, 9, jnp.int32), jnp.arange(B), jnp.zeros(B, jnp.int32))
+    knobs = (jnp.full(B, 0.9), jnp.array([1, 5, 20, 50, 64, 50, 64, 30], jnp.int32), jnp.array([1.0] * 5 + [0.9, 0.5, 0.95]))
+    draws = []
+    for fast, chunk in ((256, 16), (64, 32), (64, 16)):
+        monkeypatch.setattr(engine, "TOP_K_FAST", fast)
+        monkeypatch.setattr(engine, "TOP_K_CHUNK", chunk)
+        draws.append(np.asarray(jax.jit(sample_next, static_argnames="mode")(logits, keys, *knobs, mode=2)))
+    assert all((d == draws[0]).all() for d in draws) and len(set(draws[0].tolist())) > 1
 
 
 def test_static_sampling_mode_equals_the_device_switch():
