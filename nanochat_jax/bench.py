@@ -405,7 +405,7 @@ def bench_serve(args):
           f"ready in {time.perf_counter() - t0:.1f} s; {args.max_tokens} tokens per reply, temperature {args.temperature}")
     url = f"http://127.0.0.1:{server.server_port}"
     # a burst splits into prefill groups of varying sizes, so a run can meet a shape the runs before it did not: count
-    # the compiles, untimed runs go on until one compiles nothing (at most UNTIMED), and a timed line says its own
+    # the compiles, untimed runs go on until one compiles nothing (at most SERVE_UNTIMED), and a timed line says its own
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **_: compiles.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None)
@@ -555,7 +555,7 @@ p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--temperature", type=float, default=0.8)
 p.add_argument("--repeats", type=int, default=3, help="timed runs per client count")
 p.add_argument("--warmup", action="store_true", help="compile every shape first, as web.server does (minutes at d20); without it "
-               "the untimed run before each client count compiles the shapes it meets")
+               "untimed bursts before each client count compile the shapes they meet, until one compiles nothing")
 add_decode_kernel_flags(p)
 
 p = sub.add_parser("evals", help="full CORE and ChatCORE on random weights, timed per task")

@@ -484,10 +484,10 @@ def decode_attention_supported(Dh, window, block=None):
 
 def decode_attention(qkv, cos, sin, k_cache, v_cache, layer, pos, window, interpret=False, block=None, prefetch=()):
     """decode_attention_reference in one kernel, one program per (row, kv head): B * K programs, each reading its
-    kv head of `layer` straight from the full caches (L, R, S, K, Dh), positions 0..pos[b] only, fp32 inside, and
-    writing its new key and value into the caches in place (aliased: the caller's are donated) and its H // K query
-    heads of the (B, H, Dh) output in qkv's dtype. layer and window are static. prefetch: weights the next kernels
-    read, which DECODE_PREFETCH more programs read into L2 meanwhile."""
+    kv head of `layer` straight from the full caches (L, R, S, K, Dh), positions 0..pos[b] only, the softmax and its
+    sums in fp32, and writing its new key and value into the caches in place (aliased: the caller's are donated)
+    and its H // K query heads of the (B, H, Dh) output in qkv's dtype. layer and window are static. prefetch:
+    weights the next kernels read, which DECODE_PREFETCH more programs read into L2 meanwhile."""
     B = qkv.shape[0]
     K, Dh = k_cache.shape[3:]
     H = qkv.shape[1] // Dh - 2 * K
