@@ -67,10 +67,12 @@ def sample_completions(forward, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16
 # -----------------------------------------------------------------------------
 # Sampling
 
-# A top-k up to TOP_K_FAST draws from that many candidates, found by top_candidates over chunks of TOP_K_CHUNK; a larger
-# k (the server allows 200), or top-p without top-k, sorts all V logits. One H100, 65,536 logits, the candidates alone:
-# 64 by chunks of 32 33-42 us, 256 by 16 68-85 us (batch 1-128); a d20 step at batch 1 0.79 ms against 0.82
+# A top-k up to TOP_K_FAST draws from that many candidates, found by top_candidates over chunks of TOP_K_CHUNK; one up
+# to TOP_K_WIDE from that many, by chunks of TOP_K_WIDE_CHUNK; a larger k, or top-p without top-k, sorts all V logits.
+# One H100, 65,536 logits, the candidates alone: 64 by chunks of 32 35-42 us, 256 by 16 68-85 us, lax.top_k 78-649 us
+# (batch 1-128); a d20 step at batch 1 0.79 ms with 64 candidates against 0.82 with 256
 TOP_K_FAST, TOP_K_CHUNK = 64, 32
+TOP_K_WIDE, TOP_K_WIDE_CHUNK = 256, 16
 
 
 def row_keys(seeds, rows, steps):
@@ -80,21 +82,22 @@ def row_keys(seeds, rows, steps):
     return jax.vmap(key)(seeds, rows, steps)
 
 
-def top_candidates(logits, n):
-    """lax.top_k(logits, n) for logits (B, V), but without sorting all V: the n chunks of TOP_K_CHUNK logits
-    with the largest maxima hold the n largest logits, so only those n * TOP_K_CHUNK are ranked. The same
+def top_candidates(logits, n, chunk=None):
+    """lax.top_k(logits, n) for logits (B, V), but without sorting all V: the n chunks of `chunk` logits (default
+    TOP_K_CHUNK) with the largest maxima hold the n largest logits, so only those n * chunk are ranked. The same
     values; ids the same too, except which of several equal logits is taken at the cut. (XLA ranks a whole
     row of 65,536 by a radix sort: 0.6 ms a step at batch 128 on an H100.)"""
     B, V = logits.shape
-    C = V // TOP_K_CHUNK
-    if V % TOP_K_CHUNK or C < 4 * n:
+    chunk = chunk or TOP_K_CHUNK
+    C = V // chunk
+    if V % chunk or C < 4 * n:
         return jax.lax.top_k(logits, n)
-    blocks = logits.reshape(B, C, TOP_K_CHUNK)
+    blocks = logits.reshape(B, C, chunk)
     _, chunks = jax.lax.top_k(blocks.max(axis=-1), n)
     chunks = jnp.sort(chunks, axis=-1)  # in vocabulary order, so equal logits rank by id as in lax.top_k
-    candidates = jnp.take_along_axis(blocks, chunks[:, :, None], axis=1).reshape(B, n * TOP_K_CHUNK)
+    candidates = jnp.take_along_axis(blocks, chunks[:, :, None], axis=1).reshape(B, n * chunk)
     values, j = jax.lax.top_k(candidates, n)
-    return values, jnp.take_along_axis(chunks, j // TOP_K_CHUNK, axis=1) * TOP_K_CHUNK + j % TOP_K_CHUNK
+    return values, jnp.take_along_axis(chunks, j // chunk, axis=1) * chunk + j % chunk
 
 
 def _sample_sorted(values, ids, keys, temperature, top_k, top_p):
@@ -111,14 +114,17 @@ def _sample_sorted(values, ids, keys, temperature, top_k, top_p):
 
 def sampling_mode(temperature, top_k, top_p):
     """Which path of sample_next serves every row of these per-row knobs (B,): 0 all greedy, 1 plain
-    categorical, 2 the top TOP_K_FAST candidates, 3 those and plain rows, 4 a sort of all V logits.
-    Numpy knobs give an int (the host's choice); traced knobs a traced one (the device's)."""
+    categorical, 2 the top TOP_K_FAST candidates, 3 those and plain rows, 4 a sort of all V logits, 5 and 6 as 2
+    and 3 with TOP_K_WIDE candidates. Numpy knobs give an int (the host's choice); traced knobs a traced one
+    (the device's)."""
     xp = np if isinstance(temperature, np.ndarray) else jnp
     hot = temperature > 0
     plain_rows = (top_k == 0) & (top_p >= 1.0)
-    needs_all = xp.any(hot & (((top_k == 0) & (top_p < 1.0)) | (top_k > TOP_K_FAST)))
+    needs_all = xp.any(hot & (((top_k == 0) & (top_p < 1.0)) | (top_k > TOP_K_WIDE)))
+    wide = xp.any(hot & (top_k > TOP_K_FAST))
     any_plain, all_plain = xp.any(hot & plain_rows), xp.all(~hot | plain_rows)
-    mode = xp.where(~xp.any(hot), 0, xp.where(needs_all, 4, xp.where(all_plain, 1, xp.where(any_plain, 3, 2))))
+    few = xp.where(any_plain, 3, 2) + xp.where(wide, 3, 0)
+    mode = xp.where(~xp.any(hot), 0, xp.where(needs_all, 4, xp.where(all_plain, 1, few)))
     return int(mode) if xp is np else mode
 
 
@@ -136,8 +142,8 @@ def sample_next(logits, keys, temperature, top_k, top_p, mode=None):
     def plain():
         return jax.vmap(jax.random.categorical)(keys, logits / jnp.maximum(temperature, 1e-6)[:, None]).astype(jnp.int32)
 
-    def few(with_plain):
-        values, ids = top_candidates(logits, min(TOP_K_FAST, V))
+    def few(with_plain, n=TOP_K_FAST, chunk=TOP_K_CHUNK):  # a row's draw is the same over n candidates or more
+        values, ids = top_candidates(logits, min(n, V), chunk)
         sampled = _sample_sorted(values, ids, keys, temperature, top_k, top_p).astype(jnp.int32)
         return jnp.where(plain_rows, plain(), sampled) if with_plain else sampled
 
@@ -146,7 +152,8 @@ def sample_next(logits, keys, temperature, top_k, top_p, mode=None):
         sampled = _sample_sorted(jnp.take_along_axis(logits, order, axis=-1), order, keys, temperature, top_k, top_p).astype(jnp.int32)
         return jnp.where(plain_rows, plain(), sampled)
 
-    branches = [lambda: greedy, plain, lambda: few(False), lambda: few(True), all_sorted]
+    wide = lambda with_plain: few(with_plain, TOP_K_WIDE, TOP_K_WIDE_CHUNK)
+    branches = [lambda: greedy, plain, lambda: few(False), lambda: few(True), all_sorted, lambda: wide(False), lambda: wide(True)]
     if mode is None:
         sampled = jax.lax.switch(sampling_mode(temperature, top_k, top_p), [lambda _, f=f: f() for f in branches], None)
     else:

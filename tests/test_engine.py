@@ -210,6 +210,8 @@ def test_fewer_candidates_draw_the_same_tokens(monkeypatch):
         monkeypatch.setattr(engine, "TOP_K_FAST", fast)
         monkeypatch.setattr(engine, "TOP_K_CHUNK", chunk)
         draws.append(np.asarray(jax.jit(sample_next, static_argnames="mode")(logits, keys, *knobs, mode=2)))
+    for mode in (4, 5):  # the same rows in a batch that needs all V sorted, or TOP_K_WIDE candidates
+        draws.append(np.asarray(jax.jit(sample_next, static_argnames="mode")(logits, keys, *knobs, mode=mode)))
     assert all((d == draws[0]).all() for d in draws) and len(set(draws[0].tolist())) > 1
 
 
@@ -219,11 +221,11 @@ def test_static_sampling_mode_equals_the_device_switch():
     B = 6
     logits = jax.random.normal(jax.random.key(2), (B, 1000)) * 3
     keys = row_keys(jnp.full(B, 3, jnp.int32), jnp.arange(B), jnp.zeros(B, jnp.int32))
-    cases = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 40, 1.0), (1.0, 40, 0.9), (1.0, 0, 0.9), (1.0, 300, 1.0)]
+    cases = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 40, 1.0), (1.0, 40, 0.9), (1.0, 0, 0.9), (1.0, 300, 1.0), (1.0, 100, 1.0)]
     modes = set()
-    for case in cases + [None]:
-        if case is None:  # a mixed batch: greedy, plain and top-k rows together
-            knobs = (np.array([0.0, 1.0, 1.0, 0.5, 1.0, 0.0], np.float32), np.array([0, 0, 40, 5, 0, 300], np.int32), np.ones(B, np.float32))
+    for case in cases + [[0, 0, 40, 5, 0, 300], [0, 0, 100, 5, 0, 0]]:
+        if isinstance(case, list):  # a mixed batch: greedy, plain and top-k rows together
+            knobs = (np.array([0.0, 1.0, 1.0, 0.5, 1.0, 0.0], np.float32), np.array(case, np.int32), np.ones(B, np.float32))
         else:
             t, k, p = case
             knobs = (np.full(B, t, np.float32), np.full(B, k, np.int32), np.full(B, p, np.float32))
@@ -232,7 +234,7 @@ def test_static_sampling_mode_equals_the_device_switch():
         dynamic = jax.jit(sample_next)(logits, keys, *knobs)
         static = jax.jit(sample_next, static_argnames="mode")(logits, keys, *knobs, mode=mode)
         assert (dynamic == static).all(), (case, mode)
-    assert modes == {0, 1, 2, 3, 4}
+    assert modes == {0, 1, 2, 3, 4, 5, 6}
 
 
 # -----------------------------------------------------------------------------
