@@ -64,7 +64,8 @@ def test_rl_benchmark_times_rollout_scoring_and_update(tmp_path):
 
 
 def test_serve_benchmark_drives_the_server_with_the_load_test_in_its_own_process():
-    """One client, then two at once, each after an untimed run; a reply runs to --max-tokens or a stop token."""
+    """One client, then two at once, each after untimed runs until one compiles nothing (a timed line counts its own
+    compiles); a reply runs to --max-tokens or a stop token."""
     out = bench("serve", "--depth", "2", "--vocab-size", "512", "--max-len", "64", "--slots", "4", "--chunk", "4",
                 "--clients", "1,2", "--max-tokens", "8", "--repeats", "1")
     assert "rounds of up to 4 steps" in out, out
@@ -72,3 +73,8 @@ def test_serve_benchmark_drives_the_server_with_the_load_test_in_its_own_process
         line = next(line for line in out.splitlines() if line.startswith(f"  {clients} clients: "))
         assert re.search(rf"{clients}/{clients} completed, 0 errors, .* req/s \| TTFT p50 \d+ ms", line), line
         assert 0 < int(re.search(r"\| (\d+) tokens, ", line).group(1)) <= 8 * clients and "tok/s per client after its first" in line, line
+        compiled, untimed = re.search(r"\| compiled in the run: (\d+) \([\d.]+ s\) after (\d+) untimed$", line).groups()
+        assert 1 <= int(untimed) <= 4, line
+    # one client sends the same request every run: the first untimed run compiles (some of its shapes are too quick
+    # to compile for the persistent cache to keep), the second nothing, nor the timed one
+    assert re.search(r"  1 clients: .*\| compiled in the run: 0 \(0.0 s\) after 2 untimed$", out, re.M), out
