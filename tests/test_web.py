@@ -120,19 +120,27 @@ def test_openai_only_limits(web_server):
 
 
 def test_a_client_that_disconnects_frees_its_row(web_server):
-    cancelled = get(web_server + "/stats")["cancelled"]
+    """Hang up after the first event of a ~210-token reply: the server sees it at its next write, and the row is
+    freed as cancelled. Rounds of 64 steps can finish the reply first on a loaded machine (then it counts as
+    completed, and the hang-up came too late to test anything): up to 3 tries."""
     body = json.dumps({"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0.0, "max_tokens": 4000}).encode()
-    request = urllib.request.Request(web_server + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
-    response = urllib.request.urlopen(request, timeout=60)
-    assert response.readline().startswith(b"data: ")
-    response.close()  # hang up after the first event of a ~210-token reply
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        stats = get(web_server + "/stats")
-        if stats["cancelled"] > cancelled and stats["busy_slots"] == 0:
-            break
-        time.sleep(0.2)
-    assert stats["cancelled"] == cancelled + 1 and stats["busy_slots"] == 0
+    outcomes = []
+    while len(outcomes) < 3 and "cancelled" not in outcomes:
+        before = get(web_server + "/stats")
+        request = urllib.request.Request(web_server + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+        response = urllib.request.urlopen(request, timeout=60)
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            stats = get(web_server + "/stats")
+            ended = {name: stats[name] - before[name] for name in ("cancelled", "completed")}
+            if sum(ended.values()) and stats["busy_slots"] == 0:
+                break
+            time.sleep(0.2)
+        assert sum(ended.values()) == 1 and stats["busy_slots"] == 0, (ended, stats)
+        outcomes.append(max(ended, key=ended.get))
+    assert outcomes[-1] == "cancelled", outcomes
 
 
 def test_64_concurrent_streaming_clients(web_server):
