@@ -413,9 +413,8 @@ def bench_serve(args):
         for clients in map(int, args.clients.split(",")):
             load = [sys.executable, "-m", "web.loadtest", "--url", url, "--clients", str(clients), "--max-tokens", str(args.max_tokens),
                     "--temperature", str(args.temperature)]
-            untimed = 0
-            while untimed < SERVE_UNTIMED:
-                untimed, n = untimed + 1, len(compiles)
+            for untimed in range(1, SERVE_UNTIMED + 1):
+                n = len(compiles)
                 run_loadtest(load)
                 if len(compiles) == n:
                     break

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize
-from nanochat_jax.engine import Engine, greedy_naive, row_keys, sample_next
+from nanochat_jax.engine import Engine, greedy_naive
 from nanochat_jax.model import GPT, GPTConfig
 from nanochat_jax.tokenizer import Tokenizer
 
@@ -201,6 +201,7 @@ def test_fewer_candidates_draw_the_same_tokens(monkeypatch):
     that finds them, change no token: ranks past k are masked, and a row's Gumbel noise for rank i is the same
     whatever the candidates' count (threefry's bits are per element)."""
     from nanochat_jax import engine
+    from nanochat_jax.engine import row_keys, sample_next
     B = 8
     logits = jax.random.normal(jax.random.key(4), (B, 65536)) * 2
     keys = row_keys(jnp.full(B, 9, jnp.int32), jnp.arange(B), jnp.zeros(B, jnp.int32))
